@@ -1,0 +1,13 @@
+"""User-facing errors: one line, non-zero exit, no traceback."""
+
+
+class BertAccumError(Exception):
+    """A problem with the user's input (flags, data, model folder).
+
+    Entry points catch it, print ``error: <message>`` on one line and exit with status 2,
+    so a user sees what to fix rather than a traceback.
+    """
+
+
+class NonFiniteLossError(BertAccumError):
+    """Training produced a NaN/inf loss; the message names the optimizer and micro step."""
