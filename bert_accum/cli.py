@@ -1,0 +1,29 @@
+"""Entry-point plumbing: user errors become one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """Run `fn`; a BertAccumError prints `error: <message>` and returns 2, success returns 0."""
+    from .errors import BertAccumError
+
+    try:
+        fn()
+    except BertAccumError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    """`scripts/finetune.py`: parse flags into a TrainConfig and run it."""
+    from .config import parse_args
+    from .train import run
+
+    return guarded(lambda: run(parse_args(argv)))

