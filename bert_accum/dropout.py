@@ -106,7 +106,7 @@ _POS_BITS = 16  # bits per trailing dimension in the position code
 _MAX_TRAILING_DIMS = 3
 
 #: Elements hashed per chunk on CPU (keeps the int64 temporaries cache-resident).
-CPU_CHUNK_ELEMENTS = 1 << 17
+CPU_CHUNK_ELEMENTS = 1 << 15  # torch's parallel grain size: blocks this small run inline
 
 
 def _signed(u: int) -> int:
@@ -201,22 +201,28 @@ def _example_keys(seed: int, epoch: int, site: int, example_ids: torch.Tensor) -
     return _mix64_(z)
 
 
-_POSITION_CACHE: dict[tuple[str, int], torch.Tensor] = {}
+_POSITION_TABLES: dict[tuple[str, int], torch.Tensor] = {}
+_POSITION_FLAT: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+_POSITION_FLAT_MAX = 64
 
 
 def _position_keys(trailing: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """mix64(position_code * GOLDEN + C_POSITION) for every position of ``trailing`` (a view).
+    """mix64(position_code * GOLDEN + C_POSITION) for every position of ``trailing``, flat and contiguous.
 
-    Positions do not depend on the size of the tensor, so one table per (device, ndim) is grown to
-    the largest shape seen and sliced.
+    Position codes do not depend on the size of the tensor, so one table per (device, ndim) is
+    grown to the largest shape seen and sliced; the contiguous slice is cached per exact shape.
     """
     k = len(trailing)
     if k == 0 or k > _MAX_TRAILING_DIMS:
         raise ValueError(f"invariant dropout needs 1..{_MAX_TRAILING_DIMS} dims after the batch dim, got {k}")
     if max(trailing) > (1 << _POS_BITS):
         raise ValueError(f"invariant dropout supports dims up to {1 << _POS_BITS}, got shape {trailing}")
+    flat_key = (str(device), tuple(trailing))
+    flat = _POSITION_FLAT.get(flat_key)
+    if flat is not None:
+        return flat
     key = (str(device), k)
-    table = _POSITION_CACHE.get(key)
+    table = _POSITION_TABLES.get(key)
     if table is None or any(have < want for have, want in zip(table.shape, trailing)):
         shape = trailing if table is None else tuple(max(a, b) for a, b in zip(table.shape, trailing))
         code = torch.zeros((1,) * k, dtype=torch.int64, device=device)
@@ -227,54 +233,76 @@ def _position_keys(trailing: tuple[int, ...], device: torch.device) -> torch.Ten
             code = code + (torch.arange(size, dtype=torch.int64, device=device) << shift).view(view)
         code = code.mul_(_S_GOLDEN).add_(_S_C_POSITION)
         table = _mix64_(code.contiguous())
-        _POSITION_CACHE[key] = table
-    return table[tuple(slice(0, n) for n in trailing)]
+        _POSITION_TABLES[key] = table
+    flat = table[tuple(slice(0, n) for n in trailing)].contiguous().view(-1)
+    if len(_POSITION_FLAT) >= _POSITION_FLAT_MAX:
+        _POSITION_FLAT.pop(next(iter(_POSITION_FLAT)))
+    _POSITION_FLAT[flat_key] = flat
+    return flat
 
 
 _SCRATCH: dict[str, torch.Tensor] = {}
 
 
 def _scratch(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two reusable int64 buffers of n//2 elements each (avoids allocator churn on every call)."""
+    """Two int64 work buffers of n elements (reused on CPU to avoid allocator churn)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, dtype=torch.int64, device=device)
     key = str(device)
     buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.int64, device=device)
-        if device.type == "cpu":  # GPU: keep the caching allocator in charge, do not pin memory
-            _SCRATCH[key] = buf
-    half = n // 2
-    return buf[:half], buf[half:n]
+    if buf is None or buf.numel() < 2 * n:
+        buf = _SCRATCH[key] = torch.empty(2 * n, dtype=torch.int64, device=device)
+    return buf[:n], buf[n : 2 * n]
 
 
 def _fill_keep(
-    out: torch.Tensor, seed: int, epoch: int, site: int, example_ids: torch.Tensor, p: float
+    out: torch.Tensor,
+    seed: int,
+    epoch: int,
+    site: int,
+    example_ids: torch.Tensor,
+    p: float,
+    divide_by: float | None = None,
 ) -> torch.Tensor:
-    """Write keep bits (as 0/1 in ``out``'s dtype) for a tensor of shape [batch, *trailing]."""
+    """Write keep bits (0/1 in ``out``'s dtype, then optionally ``/ divide_by``) for ``out`` = [batch, *trailing].
+
+    On CPU the work is cut into blocks of at most :data:`CPU_CHUNK_ELEMENTS` elements: the int64
+    temporaries stay cache-resident and, below torch's parallel grain size, each op runs inline
+    without an OpenMP region (on shared, oversubscribed cores every parallel region can cost a
+    scheduler time slice). Blocking never changes a bit: each one is a function of its own index.
+    """
+    if not out.is_contiguous():
+        raise ValueError("_fill_keep needs a contiguous output tensor")
     batch, trailing = out.shape[0], tuple(out.shape[1:])
     device = out.device
     ids = example_ids.to(device=device, dtype=torch.int64)
-    base = _example_keys(seed, epoch, site, ids).view(batch, *([1] * len(trailing)))
-    pos = _position_keys(trailing, device).unsqueeze(0)
+    base = _example_keys(seed, epoch, site, ids).view(batch, 1)
+    pos = _position_keys(trailing, device).view(1, -1)
+    per_example = pos.shape[1]
+    flat_out = out.view(batch, per_example)
     threshold = _threshold(p)
-    per_example = max(1, pos.numel())
-    step = batch if device.type != "cpu" else max(1, CPU_CHUNK_ELEMENTS // per_example)
-    step = min(step, batch)
-    z_buf, tmp_buf = _scratch(device, 2 * step * per_example)
-    for b0 in range(0, batch, step):
-        b1 = min(batch, b0 + step)
-        shape = (b1 - b0, *trailing)
-        n = (b1 - b0) * per_example
-        z = z_buf[:n].view(shape)
-        tmp = tmp_buf[:n].view(shape)
-        torch.add(base[b0:b1], pos, out=z)  # wrapping add
-        _xorshift_(z, 30, _LOW34, tmp)
-        z.mul_(_S_M1)
-        _xorshift_(z, 27, _LOW37, tmp)
-        z.mul_(_S_M2)
-        if out.dtype == torch.bool:
-            torch.lt(z, threshold, out=out[b0:b1])
-        else:
-            out[b0:b1].copy_(z.lt_(threshold))
+    if device.type == "cpu":
+        cols = min(per_example, CPU_CHUNK_ELEMENTS)
+        rows = max(1, min(batch, CPU_CHUNK_ELEMENTS // per_example)) if per_example <= CPU_CHUNK_ELEMENTS else 1
+    else:
+        rows, cols = batch, per_example
+    z_buf, tmp_buf = _scratch(device, rows * cols)
+    for b0 in range(0, batch, rows):
+        b1 = min(batch, b0 + rows)
+        for e0 in range(0, per_example, cols):
+            e1 = min(per_example, e0 + cols)
+            n = (b1 - b0) * (e1 - e0)
+            z = z_buf[:n].view(b1 - b0, e1 - e0)
+            tmp = tmp_buf[:n].view(b1 - b0, e1 - e0)
+            torch.add(base[b0:b1], pos[:, e0:e1], out=z)  # wrapping add
+            _xorshift_(z, 30, _LOW34, tmp)
+            z.mul_(_S_M1)
+            _xorshift_(z, 27, _LOW37, tmp)
+            z.mul_(_S_M2)
+            block = flat_out[b0:b1, e0:e1]
+            torch.lt(z, threshold, out=block)  # 0/1 straight into out's dtype
+            if divide_by is not None:
+                block.div_(divide_by)
     return out
 
 
@@ -411,8 +439,8 @@ class InvariantDropout(nn.Dropout):
             return input * torch.zeros((), dtype=input.dtype, device=input.device)
         ids = self.context.ids_for(input.shape[0], input.device, self.site_name or f"site {self.site}")
         noise = torch.empty(input.shape, dtype=input.dtype, device=input.device)
-        _fill_keep(noise, self.context.seed, self.context.epoch, self.site, ids, p)
-        noise.div_(1.0 - p)  # same arithmetic as torch's dropout: input * (mask / (1 - p))
+        # same arithmetic as torch's dropout: input * (mask / (1 - p))
+        _fill_keep(noise, self.context.seed, self.context.epoch, self.site, ids, p, divide_by=1.0 - p)
         return input * noise
 
 

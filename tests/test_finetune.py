@@ -1,0 +1,175 @@
+"""`scripts/finetune.py` end to end (in-process), resume equality, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bert_accum.cli import finetune_main
+from bert_accum.config import TrainConfig
+from bert_accum.data import write_glue_tsv
+from bert_accum.records import read_jsonl
+from bert_accum.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"seconds"}
+
+
+def _args(model_dir, glue_dir, out, *extra):
+    return ["--task_name", "synthetic", "--glue_dir", glue_dir, "--model_name_or_path", model_dir,
+            "--output_dir", str(out), "--max_length", "48", "--disable_progress_bar", *extra]
+
+
+def test_finetune_script_writes_self_describing_run_folder(tmp_path, tiny_model_dir, synthetic_glue_dir, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune.py", *_args(tiny_model_dir, synthetic_glue_dir, out, "--per_device_train_batch_size", "4",
+                                  "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--eval_steps", "2")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(REPO / "scripts" / "finetune.py"), run_name="__main__")
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "effective batch 8" in printed and "optimizer steps per epoch = ceil(60/8) = 8" in printed
+    assert "total optimizer steps 5" in printed
+
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [r["optimizer_step"] for r in steps] == [1, 2, 3, 4, 5]
+    row = steps[0]
+    assert row["micro_steps"] == 2 and row["examples"] == 8 and row["examples_seen"] == 8
+    assert set(row["grad_norm_groups"]) == {"embeddings", "layer_0", "layer_1", "head"}
+    total = sum(v * v for v in row["grad_norm_groups"].values()) ** 0.5
+    assert row["grad_norm"] == pytest.approx(total)
+    assert 0 < row["real_tokens"] <= row["padded_tokens"]
+    assert [r["optimizer_step"] for r in read_jsonl(out / "eval.jsonl")] == [2, 4, 5]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["derived"]["effective_batch_size"] == 8 and config["derived"]["accumulation_steps"] == 2
+    env = json.loads((out / "environment.json").read_text())
+    assert env["num_processes"] == 1 and env["device"] == "cpu" and env["precision"] == "fp32"
+    assert env["packages"]["torch"] and env["packages"]["transformers"]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["status"] == "completed" and final["synthetic_data"] is True
+    assert final["examples_per_second"] > 0 and final["tokens_per_second"] > 0
+    assert 0.0 <= final["eval"]["accuracy"] <= 1.0 and final["eval"]["num_examples"] == 24
+
+
+def test_effective_batch_size_derives_n(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    out = tmp_path / "run"
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--per_device_train_batch_size", "2",
+                               "--effective_batch_size", "8", "--max_train_steps", "2")) == 0
+    assert json.loads((out / "config.json").read_text())["derived"]["accumulation_steps"] == 4
+    assert read_jsonl(out / "steps.jsonl")[0]["micro_steps"] == 4
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_resume_writes_the_same_records_as_an_uninterrupted_run(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Standard (RNG) dropout on, so the RNG state must be restored too; killed after step 5, checkpoint at 4."""
+    common = dict(task_name="synthetic", glue_dir=synthetic_glue_dir, model_name_or_path=tiny_model_dir,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2, max_length=48,
+                  learning_rate=1e-3, checkpointing_steps="4", eval_steps=3, disable_progress_bar=True)
+    run(TrainConfig(**common, output_dir=str(tmp_path / "full")))
+
+    def kill_at_6(model, step):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(TrainConfig(**common, output_dir=str(tmp_path / "cut")), before_optimizer_step=kill_at_6)
+    assert len(read_jsonl(tmp_path / "cut" / "steps.jsonl")) == 5
+    run(TrainConfig(**common, output_dir=str(tmp_path / "cut"), resume_from_checkpoint="latest"))
+
+    full, cut = read_jsonl(tmp_path / "full" / "steps.jsonl"), read_jsonl(tmp_path / "cut" / "steps.jsonl")
+    assert [r["optimizer_step"] for r in cut] == list(range(1, 17))
+    assert _strip(cut) == _strip(full)
+    assert read_jsonl(tmp_path / "cut" / "eval.jsonl") == read_jsonl(tmp_path / "full" / "eval.jsonl")
+
+
+@pytest.fixture
+def bad_glue(tmp_path):
+    """A GLUE folder whose RTE train file has a label outside the task's label set."""
+    root = tmp_path / "badglue"
+    header = ["index", "sentence1", "sentence2", "label"]
+    write_glue_tsv(str(root / "RTE" / "train.tsv"), header, [["0", "a b", "c d", "entailment"], ["1", "e", "f", "maybe"]])
+    write_glue_tsv(str(root / "RTE" / "dev.tsv"), header, [["0", "a b", "c d", "entailment"]])
+    write_glue_tsv(str(root / "SST-2" / "train.tsv"), ["sentence", "label"], [])
+    write_glue_tsv(str(root / "SST-2" / "dev.tsv"), ["sentence", "label"], [["good", "1"]])
+    return str(root)
+
+
+BAD = {
+    "unknown task": (["--task_name", "nope"], "unknown task"),
+    "B below 1": (["--per_device_train_batch_size", "0"], "micro batch size B must be >= 1"),
+    "N below 1": (["--gradient_accumulation_steps", "0"], "accumulation steps N must be >= 1"),
+    "effective batch not divisible": (["--per_device_train_batch_size", "3", "--effective_batch_size", "8"], "not divisible"),
+    "missing data folder": (["--glue_dir", "/nonexistent/glue"], "/nonexistent/glue"),
+    "missing model folder": (["--model_name_or_path", "/nonexistent/model"], "model folder not found"),
+    "max_length beyond positions": (["--max_length", "4096"], "exceeds the model's 128 positions"),
+    "label outside set": (["--task_name", "rte", "GLUE"], "maybe"),
+    "empty split": (["--task_name", "sst2", "GLUE"], "no data rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, tiny_model_dir, synthetic_glue_dir, bad_glue, capsys):
+    extra, expected = BAD[case]
+    glue = bad_glue if "GLUE" in extra else synthetic_glue_dir
+    extra = [e for e in extra if e != "GLUE"]
+    out = tmp_path / "out"
+    args = _args(tiny_model_dir, glue, out, "--max_train_steps", "2")
+    # later flags win in argparse, so the bad value overrides the good default above
+    code = finetune_main(args + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and expected in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_existing_output_dir_needs_overwrite(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--max_train_steps", "1")) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--max_train_steps", "1", "--overwrite_output_dir")) == 0
+    assert not (out / "keep.txt").exists()
+
+
+def test_malformed_data_file(tmp_path, tiny_model_dir, capsys):
+    train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train.write_text("sentence,label\nfine,1\n")
+    dev.write_text("sentence,label\nfine,notalabel\n")
+    code = finetune_main(["--task_name", "sst2", "--train_file", str(train), "--validation_file", str(dev),
+                          "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "o"), "--max_length", "32"])
+    assert code == 2 and "notalabel" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_records_where(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):
+    out = tmp_path / "nan"
+    code = finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--learning_rate", "1e30",
+                               "--max_grad_norm", "0", "--max_train_steps", "6", "--per_device_train_batch_size", "4",
+                               "--gradient_accumulation_steps", "2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite loss" in err and "optimizer step" in err
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["status"] == "non_finite_loss"
+    assert final["optimizer_step"] == len(read_jsonl(out / "steps.jsonl")) + 1
+
+
+def test_script_error_has_no_traceback(tmp_path):
+    """The real entry point in a subprocess: one line on stderr, exit status 2."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "finetune.py"), "--task_name", "nope", "--output_dir",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown task 'nope'; choose one of: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, synthetic"]
