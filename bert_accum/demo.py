@@ -16,10 +16,10 @@ from pathlib import Path
 from .config import TrainConfig
 from .records import git_commit, read_jsonl
 
-DEFAULT_GRID = ((16, 1), (8, 2), (4, 4), (2, 8))
+DEFAULT_GRID = ((16, 1), (8, 2), (4, 4))
 
 
-def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, n_train: int = 640, n_dev: int = 200,
+def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, n_train: int = 480, n_dev: int = 200,
              epochs: int = 1, seed: int = 0, max_length: int = 48, overwrite: bool = False,
              model_name_or_path: str = "embedded", learning_rate: float = 5e-5) -> Path:
     """Run the grid and write `<output_dir>/report.md`; returns the report's path."""

@@ -9,7 +9,7 @@ from bert_accum.demo import run_demo
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--output_dir", default="demo_output", help="where the runs and report.md go")
-    p.add_argument("--n_train", type=int, default=640, help="synthetic training examples")
+    p.add_argument("--n_train", type=int, default=480, help="synthetic training examples")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per configuration")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--model_name_or_path", default="embedded", help="model (default: the embedded all-MiniLM-L6-v2)")

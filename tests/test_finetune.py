@@ -173,3 +173,11 @@ def test_script_error_has_no_traceback(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: unknown task 'nope'; choose one of: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, synthetic"]
+
+
+def test_tensorboard_tracking(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    out = tmp_path / "tracked"
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--max_train_steps", "2", "--with_tracking",
+                               "--report_to", "tensorboard")) == 0
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
