@@ -29,7 +29,7 @@ logical by masking after torch's arithmetic shift)::
     example_key   = mix64(site_key ^ mix64(example_id + C_EXAMPLE))
     position_key  = mix64(position * GOLDEN + C_POSITION)          # cached per shape and device
     r             = M2 * xs27(M1 * xs30(example_key + position_key))   # signed int64
-    keep          = r < round((1 - p) * 2**64) - 2**63
+    keep          = r < (1 - p) * 2**64 - 2**63                  # (1 - p) * 2**64 is exact in binary
 
 ``r`` is the splitmix64 finaliser without its last xor-shift, which only touches the low 33 bits
 and so cannot change the outcome of a comparison decided by the high bits (to within 2**-31).
@@ -64,6 +64,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -202,8 +204,9 @@ def _example_keys(seed: int, epoch: int, site: int, example_ids: torch.Tensor) -
 
 
 _POSITION_TABLES: dict[tuple[str, int], torch.Tensor] = {}
-_POSITION_FLAT: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-_POSITION_FLAT_MAX = 64
+_POSITION_FLAT: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+#: Byte budget of the per-shape contiguous position tables (least recently used evicted first).
+POSITION_CACHE_BYTES = 64 << 20
 
 
 def _position_keys(trailing: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -220,6 +223,7 @@ def _position_keys(trailing: tuple[int, ...], device: torch.device) -> torch.Ten
     flat_key = (str(device), tuple(trailing))
     flat = _POSITION_FLAT.get(flat_key)
     if flat is not None:
+        _POSITION_FLAT.move_to_end(flat_key)
         return flat
     key = (str(device), k)
     table = _POSITION_TABLES.get(key)
@@ -235,23 +239,22 @@ def _position_keys(trailing: tuple[int, ...], device: torch.device) -> torch.Ten
         table = _mix64_(code.contiguous())
         _POSITION_TABLES[key] = table
     flat = table[tuple(slice(0, n) for n in trailing)].contiguous().view(-1)
-    if len(_POSITION_FLAT) >= _POSITION_FLAT_MAX:
-        _POSITION_FLAT.pop(next(iter(_POSITION_FLAT)))
     _POSITION_FLAT[flat_key] = flat
+    while len(_POSITION_FLAT) > 1 and sum(t.numel() * 8 for t in _POSITION_FLAT.values()) > POSITION_CACHE_BYTES:
+        _POSITION_FLAT.popitem(last=False)
     return flat
 
 
-_SCRATCH: dict[str, torch.Tensor] = {}
+_SCRATCH = threading.local()
 
 
 def _scratch(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two int64 work buffers of n elements (reused on CPU to avoid allocator churn)."""
+    """Two int64 work buffers of n elements (on CPU reused per thread, avoiding allocator churn)."""
     if device.type != "cpu":
         return torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, dtype=torch.int64, device=device)
-    key = str(device)
-    buf = _SCRATCH.get(key)
+    buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < 2 * n:
-        buf = _SCRATCH[key] = torch.empty(2 * n, dtype=torch.int64, device=device)
+        buf = _SCRATCH.buf = torch.empty(2 * n, dtype=torch.int64)
     return buf[:n], buf[n : 2 * n]
 
 
@@ -517,7 +520,8 @@ class DropoutController:
     the whole model without a new ``set_batch`` (recomputation inside gradient checkpointing is
     not a model forward and reuses the ids, giving identical masks). Eval mode never drops.
 
-    ``sites`` maps module names to site ids; ``remove()`` restores the model.
+    ``sites`` maps module names to site ids (invariant), ``disabled`` lists the modules set to
+    p=0 (off); ``remove()`` restores the model.
     """
 
     def __init__(self, model: nn.Module, mode: str, seed: int = 0, strict: bool = True):
@@ -527,7 +531,8 @@ class DropoutController:
         self.mode = mode
         self.seed = int(seed)
         self.context = InvariantDropoutContext(seed=self.seed, strict=strict)
-        self.sites: dict[str, int] = {}
+        self.sites: dict[str, int] = {}  # invariant mode: module name -> site id
+        self.disabled: list[str] = []  # off mode: dropout modules whose p was set to 0
         self._restore: list[tuple[nn.Module, str, nn.Module]] = []
         self._restore_p: list[tuple[nn.Module, float]] = []
         self._hooks: list = []
@@ -547,7 +552,7 @@ class DropoutController:
         for name, mod in self._dropout_modules():
             self._restore_p.append((mod, mod.p))
             mod.p = 0.0
-            self.sites[name] = -1
+            self.disabled.append(name)
 
     def _install_invariant(self) -> None:
         found = self._dropout_modules()

@@ -349,13 +349,72 @@ def _flat_for_tracker(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
 
 
+def count_items(micro_batches: list[dict[str, torch.Tensor]], kind: str) -> int:
+    """Items of collated micro-batches: examples, or predicted (label != -100) tokens for MLM."""
+    return sum(int((b["labels"] != -100).sum()) if kind == "mlm" else len(b["labels"]) for b in micro_batches)
+
+
+def accumulate_window(model, micro_batches, *, epoch: int, dropout, kind: str, loss_normalization: str,
+                      window_items: int, window_examples: int, accumulation_steps: int, num_processes: int = 1,
+                      one_over_n: bool = False, compute_dtype: torch.dtype = torch.float32, device=None,
+                      backward=None, no_sync=None, after_backward=None, autocast=None) -> dict[str, Any]:
+    """Forward/backward every micro-batch of one window, leaving the window's gradient summed in `.grad`.
+
+    `micro_batches` are this process's collated micro-batches (Collator output, with `labels` and
+    `example_ids`). Each micro-batch's summed per-item loss is scaled by `micro_loss_scale`, so the
+    accumulated gradient is the gradient of the window loss. `dropout.set_batch(example_ids, epoch)`
+    precedes every forward. Hooks for the training loop (all optional):
+    `backward(loss)` (default `loss.backward()`; accelerate's), `no_sync()` (a context for every
+    micro-step but the last), `after_backward()` (after each micro-step's backward) and `autocast()`
+    (a context around the model forward only; the loss is computed in `compute_dtype` outside it).
+    Returns the window loss (float64 tensor, already divided by W), real and padded token counts, and
+    the index of the first micro-step with a non-finite loss (or None).
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    n_micro = len(micro_batches)
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    real_tokens = padded_tokens = 0
+    first_bad_micro = None
+    for j, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        example_ids = batch.pop("example_ids")
+        dropout.set_batch(example_ids, epoch)
+        sync = j == n_micro - 1
+        ctx = contextlib.nullcontext() if sync or no_sync is None else no_sync()
+        with ctx:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = model(**batch).logits
+            loss_sum, micro_items = per_item_loss(logits, labels, kind, compute_dtype)
+            scale = micro_loss_scale(
+                normalization=loss_normalization, micro_items=max(micro_items, 1), micro_examples=len(labels),
+                window_items=window_items, window_examples=window_examples, accumulation_steps=accumulation_steps,
+                num_processes=num_processes, one_over_n=one_over_n,
+            )
+            loss = loss_sum * scale
+            if not torch.isfinite(loss) and first_bad_micro is None:
+                first_bad_micro = j
+            if backward is None:
+                loss.backward()
+            else:
+                backward(loss)
+            if after_backward is not None:
+                after_backward()
+        loss_total += loss.detach().double() / num_processes
+        real_tokens += int(batch["attention_mask"].sum())
+        padded_tokens += batch["attention_mask"].numel()
+    return {"loss": loss_total, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
+            "first_bad_micro": first_bad_micro}
+
+
 def _train_window(window, epoch, model, optimizer, scheduler, accelerator, collate, dropout, cfg, kind,
                   compute_dtype, N, W, groups, progress, before_optimizer_step=None) -> dict[str, Any]:
-    """Forward/backward every micro-step of one window, then one clipped optimizer step."""
+    """Forward/backward every micro-step of one window (`accumulate_window`), then one clipped optimizer step."""
     rank = accelerator.process_index
     everyone = window_examples(window)
     micro_batches = [collate(micro[rank], everyone, epoch) for micro in window]
-    local_items = sum(int((b["labels"] != -100).sum()) if kind == "mlm" else len(b["labels"]) for b in micro_batches)
+    local_items = count_items(micro_batches, kind)
     window_items = local_items
     if W > 1:
         window_items = int(accelerator.reduce(torch.tensor(local_items, device=accelerator.device), "sum"))
@@ -363,33 +422,18 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
         raise BertAccumError(f"accumulation window at optimizer step {progress.optimizer_step + 1} has no items to predict")
     n_micro = len(window)
     one_over_n = bool({"last_window_1_over_n", "step_mod_boundaries"} & set(cfg.bug_modes))
-    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    real_tokens = padded_tokens = 0
-    first_bad_micro = None
-    for j, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        example_ids = batch.pop("example_ids")
-        dropout.set_batch(example_ids, epoch)
-        sync = j == n_micro - 1
-        ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
-        with ctx:
-            logits = model(**batch).logits
-            loss_sum, micro_items = per_item_loss(logits, labels, kind, compute_dtype)
-            scale = micro_loss_scale(
-                normalization=cfg.loss_normalization, micro_items=max(micro_items, 1), micro_examples=len(labels),
-                window_items=window_items, window_examples=len(window_examples(window)), accumulation_steps=N,
-                num_processes=W, one_over_n=one_over_n,
-            )
-            loss = loss_sum * scale
-            if not torch.isfinite(loss) and first_bad_micro is None:
-                first_bad_micro = j
-            accelerator.backward(loss)
-            if "clip_per_micro_batch" in cfg.bug_modes and cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        loss_total += loss.detach().double() / W
-        real_tokens += int(batch["attention_mask"].sum())
-        padded_tokens += batch["attention_mask"].numel()
+    after_backward = None
+    if "clip_per_micro_batch" in cfg.bug_modes and cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        def after_backward():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    acc = accumulate_window(
+        model, micro_batches, epoch=epoch, dropout=dropout, kind=kind, loss_normalization=cfg.loss_normalization,
+        window_items=window_items, window_examples=len(everyone), accumulation_steps=N, num_processes=W,
+        one_over_n=one_over_n, compute_dtype=compute_dtype, device=accelerator.device,
+        backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model), after_backward=after_backward,
+    )
+    loss_total, real_tokens, padded_tokens = acc["loss"], acc["real_tokens"], acc["padded_tokens"]
+    first_bad_micro = acc["first_bad_micro"]
     stats = torch.tensor([float(loss_total), real_tokens, padded_tokens, sum(len(m[rank]) for m in window)],
                          dtype=torch.float64, device=accelerator.device)
     if W > 1:
