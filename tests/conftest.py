@@ -27,13 +27,13 @@ def _vocab() -> list[str]:
 
 def build_tiny_model(folder, dropout: float = 0.1, layers: int = 2) -> str:
     """Save a 2-layer, 32-hidden BERT and its tokenizer to `folder`; returns the folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     os.makedirs(folder, exist_ok=True)
     vocab_file = os.path.join(folder, "vocab.txt")
     with open(vocab_file, "w") as fh:
         fh.write("\n".join(_vocab()) + "\n")
-    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    tok = BertTokenizer(vocab=vocab_file, do_lower_case=True)  # transformers 5 ignores vocab_file= here
     tok.save_pretrained(folder)
     import torch
 
