@@ -27,15 +27,6 @@ VOCAB = 64
 NUM_LABELS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread is fastest and immune to oversubscribed shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(**overrides) -> BertConfig:
     kw = dict(
         vocab_size=VOCAB,

@@ -19,17 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 GRID_B = [8, 4, 2, 1]  # E = 8: (8,1) is the reference, (4,2), (2,4), (1,8) are compared with it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A 32-wide model gains nothing from intra-op threads, and on a busy 2-core machine they only spin."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def word_model_dir(tmp_path_factory) -> str:
     """`build_tiny_model` (dropout 0.1, 2 layers) whose tokenizer knows the synthetic task's words.
