@@ -27,3 +27,8 @@ def finetune_main(argv: list[str] | None = None) -> int:
     from .train import run
 
     return guarded(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    # `python -m bert_accum.cli <flags>` is what the grid runner launches (also under `accelerate launch -m`).
+    sys.exit(finetune_main())

@@ -130,6 +130,9 @@ class TrainConfig:
     )
     fingerprint_dim: int = _f(2048, "Length of each parameter fingerprint.")
     checkpointing_steps: str | None = _f(None, "Save model/optimizer/scheduler/RNG/data position every N optimizer steps, or 'epoch'.")
+    checkpoints_total_limit: int | None = _f(
+        None, "Keep only the newest this-many checkpoints (older ones are deleted after each save); None keeps all."
+    )
     resume_from_checkpoint: str | None = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in --output_dir.")
     save_final_model: bool = _f(False, "Save the fine-tuned model and tokenizer to <output_dir>/model at the end (as the HF example does).")
     with_tracking: bool = _f(False, "Log to the trackers named by --report_to.")
@@ -187,6 +190,8 @@ class TrainConfig:
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
                 raise BertAccumError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise BertAccumError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise BertAccumError(f"--eval_steps must be >= 1, got {self.eval_steps}")
         for name in ("dropout", "padding", "loss_normalization", "objective", "precision"):
@@ -196,6 +201,25 @@ class TrainConfig:
         for bug in self.bug_modes:
             if bug not in BUG_MODES:
                 raise BertAccumError(f"unknown bug mode {bug!r}; choose from {', '.join(BUG_MODES)}")
+
+    def to_argv(self, always: tuple[str, ...] = ("task_name", "per_device_train_batch_size", "seed")) -> list[str]:
+        """The `scripts/finetune.py` flags that rebuild this config: fields that differ from the defaults,
+        plus the `always` ones, so a printed command states its task, B and seed even at default values."""
+        argv: list[str] = []
+        defaults = TrainConfig()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(defaults, f.name) and not (f.name in always and value is not None):
+                continue
+            if str(f.type) == "bool":
+                argv.append(f"--{f.name}" if value else f"--no-{f.name}")
+            elif isinstance(value, list):
+                argv += [f"--{f.name}", *map(str, value)]
+            elif value is None:
+                raise BertAccumError(f"--{f.name} cannot be reset to None from the command line")
+            else:
+                argv += [f"--{f.name}", str(value)]
+        return argv
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON/YAML (the run folder's config.json)."""

@@ -110,6 +110,34 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
 
 
+def _save_checkpoint(accelerator, folder: Path, step: int) -> None:
+    """accelerate `save_state` into a scratch folder renamed into place, so a kill mid-save never leaves a
+    half-written `step_*` checkpoint for `--resume_from_checkpoint latest` to pick."""
+    import os
+    import shutil
+
+    final = folder / f"step_{step:07d}"
+    scratch = folder / f"partial_step_{step:07d}"
+    if accelerator.is_main_process and scratch.exists():
+        shutil.rmtree(scratch)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
+    accelerator.wait_for_everyone()
+
+
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (each one holds weights plus AdamW state: 3x the model)."""
+    import shutil
+
+    for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _latest_checkpoint(output_dir: Path) -> Path:
     ckpts = sorted((output_dir / "checkpoints").glob("step_*"))
     if not ckpts:
@@ -297,7 +325,9 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
                 if fingerprinter is not None and step in cfg.fingerprint_steps and main:
                     fingerprinter.record(out, step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    accelerator.save_state(str(out / "checkpoints" / f"step_{step:07d}"))
+                    _save_checkpoint(accelerator, out / "checkpoints", step)
+                    if main and cfg.checkpoints_total_limit:
+                        _prune_checkpoints(out, cfg.checkpoints_total_limit)
     except NonFiniteLossError as exc:
         status = "non_finite_loss"
         if main:
@@ -309,6 +339,11 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
             steps_log.close()
             evals_log.close()
 
+    if not last_eval:
+        # Resumed from the checkpoint of the last step (killed after it, before final_metrics.json): the
+        # final evaluation is recomputed; its eval.jsonl row survived the truncation, so it is not written twice.
+        last_eval = _evaluate(model, eval_loaders, task, kind, accelerator, cfg, dropout)
+        last_eval.update(optimizer_step=progress.optimizer_step, epoch=(progress.optimizer_step - 1) // steps_per_epoch)
     seconds = max(progress.train_seconds, 1e-9)
     final = {
         "status": status,
@@ -446,7 +481,8 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
         )
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
-    grad_norm, per_group = _grad_norms(model, groups)
+    # `groups` is keyed by the bare model's parameter names; under DDP `model` is the wrapper ("module." prefix).
+    grad_norm, per_group = _grad_norms(accelerator.unwrap_model(model), groups)
     clipped = False
     if cfg.max_grad_norm and cfg.max_grad_norm > 0 and "clip_per_micro_batch" not in cfg.bug_modes:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

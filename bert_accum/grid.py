@@ -1,0 +1,343 @@
+"""Grid runner: a YAML grid of (task, arm, B, N, seed) cells, each one `TrainConfig` and one run folder.
+
+A grid file (see ``configs/``)::
+
+    name: study                      # label only
+    runs_dir: runs/study             # run folders go to <runs_dir>/<task>/<arm>/B<B>_N<N>/seed<seed>
+    tasks: [rte, mrpc]
+    effective_batch_size: 32         # with micro_batch_sizes: N = E / B for each B ...
+    micro_batch_sizes: [32, 8, 2]
+    # batches: [[32, 1], [8, 4]]     # ... or explicit (B, N) pairs
+    seeds: [1, 2, 3]
+    arms:                            # name -> TrainConfig fields that differ from `shared`
+      default: {}
+      controlled: {dropout: invariant, padding: window, loss_normalization: global}
+    shared: {max_length: 128, learning_rate: 5.0e-5, max_train_steps: 30}
+    task_overrides: {sst2: {max_train_samples: 960}}
+
+Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
+anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
+behind a launcher such as ``accelerate launch``. Cells are ordered seed-major (all cells of the first seed,
+then the next seed), so a grid cut off part-way still holds complete paired comparisons for its first seeds.
+
+Resumption, per cell, from what its run folder holds:
+
+* ``final_metrics.json`` present: finished (completed, or stopped on a non-finite loss), skipped;
+* a ``checkpoints/step_*`` folder: interrupted, resumed with ``--resume_from_checkpoint latest``; the run
+  truncates ``steps.jsonl``/``eval.jsonl`` to the checkpoint's step, so no row is duplicated or lost;
+* anything else (killed before its first checkpoint): started again from scratch.
+
+A folder whose ``config.json`` disagrees with the cell (the grid file was edited) is an error, never
+silently mixed into the results. Checkpoints are deleted once a cell finishes (``keep_checkpoints: true``
+keeps them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import BertAccumError
+
+GRID_KEYS = {
+    "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
+    "task_overrides", "keep_checkpoints",
+}
+# Set by the grid for every cell; a grid file that sets them itself would contradict its own layout.
+_CELL_KEYS = ("task_name", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "output_dir")
+# Fields that may legitimately differ between a cell and the config.json of its (resumed) run folder.
+_RUNTIME_KEYS = {"resume_from_checkpoint", "overwrite_output_dir", "disable_progress_bar", "glue_dir", "cache_dir"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its index in grid order, its name (= path below runs_dir) and its config."""
+
+    index: int
+    name: str
+    task: str
+    arm: str
+    micro_batch_size: int
+    accumulation_steps: int
+    seed: int
+    config: TrainConfig = field(compare=False)
+
+    @property
+    def run_dir(self) -> Path:
+        """The cell's run folder."""
+        return Path(self.config.output_dir)
+
+
+@dataclass
+class GridSpec:
+    """A parsed grid file (see the module docstring for the format)."""
+
+    name: str
+    runs_dir: str
+    tasks: list[str]
+    batches: list[tuple[int, int]]
+    seeds: list[int]
+    arms: dict[str, dict[str, Any]]
+    shared: dict[str, Any]
+    task_overrides: dict[str, dict[str, Any]]
+    keep_checkpoints: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
+        """Validate the grid's own keys; the TrainConfig keys are validated per cell in `expand`."""
+        unknown = sorted(set(raw) - GRID_KEYS)
+        if unknown:
+            raise BertAccumError(f"{source}: unknown grid key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(GRID_KEYS))}")
+        for key in ("tasks", "seeds"):
+            if not raw.get(key):
+                raise BertAccumError(f"{source}: '{key}' must be a non-empty list")
+        if ("batches" in raw) == ("micro_batch_sizes" in raw):
+            raise BertAccumError(f"{source}: give either 'batches' ([[B, N], ...]) or 'micro_batch_sizes' with 'effective_batch_size'")
+        if "batches" in raw:
+            batches = [(int(b), int(n)) for b, n in raw["batches"]]
+        else:
+            e = raw.get("effective_batch_size")
+            if not e:
+                raise BertAccumError(f"{source}: 'micro_batch_sizes' needs 'effective_batch_size'")
+            bad = [b for b in raw["micro_batch_sizes"] if e % b]
+            if bad:
+                raise BertAccumError(f"{source}: micro batch size(s) {bad} do not divide effective_batch_size {e}")
+            batches = [(int(b), e // int(b)) for b in raw["micro_batch_sizes"]]
+        arms = raw.get("arms") or {"default": {}}
+        shared = dict(raw.get("shared") or {})
+        overrides = raw.get("task_overrides") or {}
+        for where, values in [("shared", shared), *((f"arms.{a}", v or {}) for a, v in arms.items()),
+                              *((f"task_overrides.{t}", v or {}) for t, v in overrides.items())]:
+            clash = sorted(set(values) & set(_CELL_KEYS))
+            if clash:
+                raise BertAccumError(f"{source}: {where} sets {', '.join(clash)}, which the grid sets per cell")
+        stray = sorted(set(overrides) - set(raw["tasks"]))
+        if stray:
+            raise BertAccumError(f"{source}: task_overrides for task(s) not in the grid: {', '.join(stray)}")
+        return cls(
+            name=str(raw.get("name", "grid")), runs_dir=str(raw.get("runs_dir", "runs")), tasks=list(raw["tasks"]),
+            batches=batches, seeds=[int(s) for s in raw["seeds"]], arms={a: dict(v or {}) for a, v in arms.items()},
+            shared=shared, task_overrides={t: dict(v or {}) for t, v in overrides.items()},
+            keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GridSpec":
+        """Read a YAML grid file."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise BertAccumError(f"grid file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise BertAccumError(f"{p}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise BertAccumError(f"{p}: a grid file is a YAML mapping")
+        return cls.from_dict(raw, source=str(p))
+
+
+def expand(spec: GridSpec, runs_dir: str | None = None, set_values: dict[str, Any] | None = None) -> list[Cell]:
+    """All cells of the grid in run order (seed, task, arm, (B, N)), each with a validated TrainConfig.
+
+    `set_values` (e.g. ``glue_dir`` from the command line) applies to every cell, after the grid's own values.
+    """
+    root = Path(runs_dir or spec.runs_dir)
+    cells: list[Cell] = []
+    for seed, task, (arm, arm_values), (b, n) in itertools.product(spec.seeds, spec.tasks, spec.arms.items(), spec.batches):
+        name = f"{task}/{arm}/B{b}_N{n}/seed{seed}"
+        values = {
+            **spec.shared, **arm_values, **spec.task_overrides.get(task, {}), **(set_values or {}),
+            "task_name": task, "per_device_train_batch_size": b, "gradient_accumulation_steps": n, "seed": seed,
+            "output_dir": str(root / name), "disable_progress_bar": True,
+        }
+        try:
+            cfg = TrainConfig.from_dict(values)
+            cfg.validate()
+        except (BertAccumError, TypeError) as exc:
+            raise BertAccumError(f"grid cell {name}: {exc}") from None
+        cells.append(Cell(len(cells), name, task, arm, b, n, seed, cfg))
+    return cells
+
+
+def cell_status(cell: Cell) -> str:
+    """'finished', 'interrupted' (has a checkpoint), 'stale' (started, no checkpoint) or 'new'."""
+    d = cell.run_dir
+    if (d / "final_metrics.json").exists():
+        return "finished"
+    if any((d / "checkpoints").glob("step_*")):
+        return "interrupted"
+    if d.exists() and any(d.iterdir()):
+        return "stale"
+    return "new"
+
+
+def check_config_matches(cell: Cell) -> None:
+    """Refuse a run folder made from different settings than the cell's (the grid file was edited since)."""
+    path = cell.run_dir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    saved.pop("derived", None)
+    want = cell.config.to_dict()
+    diff = sorted(k for k in set(saved) | set(want) if k not in _RUNTIME_KEYS and saved.get(k) != want.get(k))
+    if diff:
+        raise BertAccumError(
+            f"{cell.run_dir} was made with different settings ({', '.join(diff)}); "
+            "delete that folder or point the grid at another runs_dir"
+        )
+
+
+def cell_command(cell: Cell, launcher: str | None = None, python: str | None = None) -> list[str]:
+    """The command that runs `cell` from where it stands (fresh, or resumed from its latest checkpoint)."""
+    argv = cell.config.to_argv()
+    status = cell_status(cell)
+    if status == "interrupted":
+        argv += ["--resume_from_checkpoint", "latest"]
+    elif status == "stale":
+        argv += ["--overwrite_output_dir"]
+    if launcher:
+        return [*shlex.split(launcher), "-m", "bert_accum.cli", *argv]
+    return [python or sys.executable, "-m", "bert_accum.cli", *argv]
+
+
+def describe(cell: Cell, launcher: str | None = None) -> str:
+    """One dry-run line: index, run folder and the exact command (``python`` for the interpreter)."""
+    cmd = cell_command(cell, launcher, python="python")
+    return f"{cell.index}\t{cell.run_dir}\t{shlex.join(cmd)}"
+
+
+def run_cell(cell: Cell, launcher: str | None = None, threads: int | None = None, log_dir: Path | None = None,
+             keep_checkpoints: bool = False) -> str:
+    """Run one cell to completion unless it is already finished; returns its final status.
+
+    The cell's output goes to ``<log_dir>/<cell name with / as __>.log`` (default log_dir: ``<runs_dir>/logs``),
+    appended across attempts.
+    """
+    status = cell_status(cell)
+    if status == "finished":
+        return "skipped"
+    check_config_matches(cell)
+    env = dict(os.environ)
+    if threads:
+        # P cells side by side on C cores: each gets C/P intra-op threads instead of all fighting for C.
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = Path(str(cell.run_dir)[: -len(cell.name)]) if str(cell.run_dir).endswith(cell.name) else cell.run_dir.parent
+    log_dir = Path(log_dir or root / "logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / (cell.name.replace("/", "__") + ".log")
+    cmd = cell_command(cell, launcher)
+    with log.open("a") as fh:
+        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} ({status}) {shlex.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if (cell.run_dir / "final_metrics.json").exists():
+        if not keep_checkpoints:
+            shutil.rmtree(cell.run_dir / "checkpoints", ignore_errors=True)
+        final = json.loads((cell.run_dir / "final_metrics.json").read_text())
+        return final.get("status", "completed")
+    raise BertAccumError(f"grid cell {cell.index} ({cell.name}) exited with status {rc} without final metrics; see {log}")
+
+
+def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, keep_going: bool = False,
+             keep_checkpoints: bool = False, log_dir: Path | None = None, say=print) -> dict[str, str]:
+    """Run cells one after another (`parallel` = 1) or several at a time; returns {cell name: outcome}."""
+    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+    outcomes: dict[str, str] = {}
+    lock = threading.Lock()
+    todo = [c for c in cells if cell_status(c) != "finished"]
+    say(f"[bert_accum grid] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run"
+        + (f", {parallel} at a time with {threads} threads each" if parallel > 1 else ""))
+    for c in cells:
+        if c not in todo:
+            outcomes[c.name] = "skipped"
+
+    def one(cell: Cell) -> None:
+        t0 = time.perf_counter()
+        try:
+            outcome = run_cell(cell, launcher, threads, log_dir, keep_checkpoints)
+        except BertAccumError as exc:
+            if not keep_going:
+                raise
+            outcome = f"failed: {exc}"
+        with lock:
+            outcomes[cell.name] = outcome
+            say(f"[bert_accum grid] [{cell.index}] {cell.name}: {outcome} ({time.perf_counter() - t0:.0f} s)")
+
+    if parallel <= 1:
+        for cell in todo:
+            one(cell)
+    else:
+        with ThreadPoolExecutor(parallel) as pool:
+            for fut in [pool.submit(one, c) for c in todo]:
+                fut.result()
+    return outcomes
+
+
+def grid_main(argv: list[str] | None = None) -> int:
+    """`scripts/grid.py`: expand a grid file and run, list, count or dry-run its cells."""
+    import argparse
+
+    from .cli import guarded
+
+    p = argparse.ArgumentParser(description="Run a YAML grid of fine-tuning cells (see configs/).")
+    p.add_argument("grid", help="YAML grid file")
+    p.add_argument("--glue_dir", help="local GLUE folder for every cell (default: the grid's own setting, else the Hub)")
+    p.add_argument("--runs_dir", help="root of the run folders (default: the grid's runs_dir)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field in every cell (YAML value), e.g. --set max_train_steps=5")
+    p.add_argument("--cell", type=int, nargs="+", help="run only these cell indices (a SLURM array task runs one)")
+    p.add_argument("--parallel", type=int, default=1, help="cells to run at the same time (default 1)")
+    p.add_argument("--launcher", help="command prefix for each cell, e.g. 'accelerate launch --num_processes 2'")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print '<index>\\t<run folder>\\t<command>' per cell and run nothing")
+    p.add_argument("--count", action="store_true", help="print the number of cells and exit")
+    p.add_argument("--status", action="store_true", help="print each cell's state (new, stale, interrupted, finished)")
+    p.add_argument("--keep_going", action="store_true", help="carry on with the other cells when one fails")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        import yaml
+
+        spec = GridSpec.load(a.grid)
+        set_values: dict[str, Any] = {}
+        for item in a.set:
+            if "=" not in item:
+                raise BertAccumError(f"--set expects KEY=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            set_values[key] = yaml.safe_load(value)
+        if a.glue_dir:
+            set_values["glue_dir"] = a.glue_dir
+        cells = expand(spec, a.runs_dir, set_values)
+        if a.count:
+            print(len(cells))
+            return
+        if a.cell is not None:
+            bad = [i for i in a.cell if not 0 <= i < len(cells)]
+            if bad:
+                raise BertAccumError(f"--cell {bad}: the grid has cells 0..{len(cells) - 1}")
+            cells = [cells[i] for i in a.cell]
+        if a.dry_run or a.status:
+            for cell in cells:
+                print(describe(cell, a.launcher) if a.dry_run else f"{cell.index}\t{cell_status(cell)}\t{cell.name}")
+            return
+        outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)
+        failed = [name for name, o in outcomes.items() if o.startswith("failed")]
+        if failed:
+            raise BertAccumError(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+
+    return guarded(go)
