@@ -1,0 +1,210 @@
+"""The grid runner: expansion, dry run, skip/resume without duplicated or lost rows; fingerprint determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from bert_accum.config import TrainConfig, parse_args
+from bert_accum.errors import BertAccumError
+from bert_accum.fingerprint import Fingerprinter, fingerprint, load_fingerprints
+from bert_accum.grid import GridSpec, cell_status, check_config_matches, describe, expand, grid_main
+from bert_accum.records import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _grid(tmp_path, model_dir, glue_dir, **extra) -> Path:
+    raw = {
+        "name": "t",
+        "runs_dir": str(tmp_path / "runs"),
+        "tasks": ["synthetic"],
+        "effective_batch_size": 8,
+        "micro_batch_sizes": [8, 2],
+        "seeds": [1, 2],
+        "arms": {"default": {}, "controlled": {"dropout": "invariant", "padding": "window", "loss_normalization": "global"}},
+        "shared": {"glue_dir": glue_dir, "model_name_or_path": model_dir, "max_length": 32, "max_train_steps": 3,
+                   "per_device_eval_batch_size": 32},
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_expansion_order_names_and_configs(tmp_path):
+    spec = GridSpec.from_dict({
+        "tasks": ["rte", "cola"], "effective_batch_size": 32, "micro_batch_sizes": [32, 8, 2], "seeds": [1, 2, 3],
+        "arms": {"default": {}, "controlled": {"dropout": "invariant"}}, "shared": {"learning_rate": 1e-4},
+        "task_overrides": {"cola": {"max_train_samples": 100}}, "runs_dir": str(tmp_path),
+    })
+    cells = expand(spec)
+    assert len(cells) == 2 * 2 * 3 * 3
+    # seed-major: the first 12 cells are all of seed 1, so a grid cut short still holds whole seeds
+    assert {c.seed for c in cells[:12]} == {1} and {c.seed for c in cells[12:24]} == {2}
+    assert [(c.micro_batch_size, c.accumulation_steps) for c in cells[:3]] == [(32, 1), (8, 4), (2, 16)]
+    assert [c.index for c in cells] == list(range(36))
+    first = cells[0]
+    assert first.name == "rte/default/B32_N1/seed1" and first.run_dir == tmp_path / first.name
+    cola_ctrl = next(c for c in cells if c.task == "cola" and c.arm == "controlled")
+    cfg = cola_ctrl.config
+    assert (cfg.dropout, cfg.max_train_samples, cfg.learning_rate, cfg.effective_batch_size) == ("invariant", 100, 1e-4, None)
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 32
+    assert next(c for c in cells if c.task == "rte").config.max_train_samples is None
+    explicit = expand(GridSpec.from_dict({"tasks": ["rte"], "batches": [[4, 2], [8, 1]], "seeds": [0]}))
+    assert [(c.micro_batch_size, c.accumulation_steps) for c in explicit] == [(4, 2), (8, 1)]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "bogus": 1}, "unknown grid key"),
+    ({"tasks": ["rte"], "seeds": [1], "effective_batch_size": 32, "micro_batch_sizes": [5]}, "do not divide"),
+    ({"tasks": ["rte"], "seeds": [1]}, "either 'batches'"),
+    ({"tasks": [], "seeds": [1], "batches": [[8, 1]]}, "'tasks' must be"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "shared": {"seed": 3}}, "sets seed"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "task_overrides": {"cola": {}}}, "not in the grid"),
+])
+def test_bad_grids_are_one_line_errors(raw, message):
+    with pytest.raises(BertAccumError, match=message):
+        GridSpec.from_dict(raw)
+
+
+def test_a_typo_in_a_config_key_fails_before_anything_runs():
+    spec = GridSpec.from_dict({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "shared": {"learning_rat": 1e-4}})
+    with pytest.raises(BertAccumError, match="learning_rat"):
+        expand(spec)
+
+
+def test_command_line_round_trip_of_a_cell_config():
+    cfg = TrainConfig(task_name="rte", glue_dir="/g", per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                      dropout="invariant", bug_modes=["clip_per_micro_batch"], fingerprint_steps=[0, 2],
+                      max_grad_norm=0.5, disable_progress_bar=True, output_dir="/o", checkpointing_steps="5")
+    back = parse_args(cfg.to_argv())
+    assert back == cfg
+    argv = TrainConfig(task_name="rte").to_argv()
+    assert argv == ["--task_name", "rte", "--per_device_train_batch_size", "8", "--seed", "42"]
+
+
+def test_dry_run_and_count_print_every_cell(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir)
+    assert grid_main([str(grid), "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "8"
+    assert grid_main([str(grid), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8
+    index, run_dir, command = lines[5].split("\t")
+    assert index == "5" and run_dir == str(tmp_path / "runs/synthetic/default/B2_N4/seed2")
+    assert command.startswith("python -m bert_accum.cli ")
+    assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 4" in command and "--seed 2" in command
+    assert grid_main([str(grid), "--dry-run", "--cell", "5", "--set", "max_train_steps=7"]) == 0
+    only = capsys.readouterr().out.strip().splitlines()
+    assert len(only) == 1 and only[0].startswith("5\t") and "--max_train_steps 7" in only[0]
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    assert grid_main([str(grid), "--cell", "8"]) == 2
+    assert "cells 0..7" in capsys.readouterr().err
+
+
+def _rows(run_dir: Path, name: str) -> list[int]:
+    return [r["optimizer_step"] for r in read_jsonl(run_dir / name)]
+
+
+def test_killed_grid_resumes_with_exactly_one_row_set_per_cell(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Run a grid, SIGKILL it in the middle of a cell (after a checkpoint), rerun: every cell ends complete,
+    each optimizer step recorded once, and the resumed cell continues the same trajectory as an unbroken run."""
+    steps = 30
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8, 2],
+                 arms={"default": {}})
+    raw = yaml.safe_load(grid.read_text())
+    raw["shared"].update(max_train_steps=steps, checkpointing_steps=3, checkpoints_total_limit=1,
+                         fingerprint_steps=[0, 1, 15, 30], fingerprint_dim=64)
+    grid.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cells = expand(GridSpec.load(grid))
+    victim = cells[1]
+    cmd = [sys.executable, str(REPO / "scripts/grid.py"), str(grid)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if len(_rows(victim.run_dir, "steps.jsonl")) >= 7 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert cell_status(cells[0]) == "finished"
+    assert cell_status(victim) == "interrupted", "the kill should land mid-cell, after a checkpoint"
+    before = _rows(victim.run_dir, "steps.jsonl")
+    assert 7 <= len(before) < steps
+    assert [p.name for p in (victim.run_dir / "checkpoints").glob("*")] and \
+        len(list((victim.run_dir / "checkpoints").glob("step_*"))) == 1  # total limit 1
+
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 already finished, 1 to run" in out.stdout
+    for cell in cells:
+        assert cell_status(cell) == "finished"
+        assert _rows(cell.run_dir, "steps.jsonl") == list(range(1, steps + 1))
+        assert _rows(cell.run_dir, "eval.jsonl") == [*range(8, steps, 8), steps]  # 60 examples: 8 windows per epoch
+        assert json.loads((cell.run_dir / "final_metrics.json").read_text())["status"] == "completed"
+        assert not (cell.run_dir / "checkpoints").exists()  # removed once the cell finished
+        assert sorted(load_fingerprints(cell.run_dir)) == [0, 1, 15, 30]
+    log = (tmp_path / "runs/logs" / (victim.name.replace("/", "__") + ".log")).read_text()
+    assert "(interrupted)" in log and "--resume_from_checkpoint latest" in log
+
+    # Same cell run without interruption: identical per-step losses (the checkpoint restored RNG, data position).
+    fresh = victim.config
+    fresh_dir = tmp_path / "fresh"
+    from bert_accum.train import run
+
+    run(TrainConfig.from_dict({**fresh.to_dict(), "output_dir": str(fresh_dir), "checkpointing_steps": None}))
+    resumed = read_jsonl(victim.run_dir / "steps.jsonl")
+    unbroken = read_jsonl(fresh_dir / "steps.jsonl")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in unbroken], rel=1e-5)
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "2 already finished, 0 to run" in again.stdout
+
+
+def test_an_edited_grid_does_not_mix_into_old_run_folders(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
+    assert grid_main([str(grid)]) == 0
+    cell = expand(GridSpec.load(grid))[0]
+    check_config_matches(cell)  # the folder agrees with the grid that made it
+    (cell.run_dir / "final_metrics.json").unlink()  # pretend it was cut off, then the grid file was edited
+    edited = expand(GridSpec.load(grid), set_values={"learning_rate": 1e-3})[0]
+    with pytest.raises(BertAccumError, match="different settings.*learning_rate"):
+        check_config_matches(edited)
+    assert describe(edited).split("\t")[2].endswith("--overwrite_output_dir")  # stale: no checkpoint to resume
+
+
+def test_fingerprints_are_deterministic_and_measure_distance():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64))
+    cached = Fingerprinter(dim=1024)
+    a = cached.project(model)
+    assert np.array_equal(a, fingerprint(model, 1024))  # cache or not, same projection
+    assert np.array_equal(a, cached.project(model))
+    twin = BertModel(model.config)
+    twin.load_state_dict(model.state_dict())
+    assert np.array_equal(a, Fingerprinter(1024).project(twin))  # another run of the same weights
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    true = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), twin.parameters()))).item()
+    est = float(np.linalg.norm(Fingerprinter(1024).project(twin) - a))
+    # E||S(x-y)||^2 = ||x-y||^2 with relative spread sqrt(2/1024) = 4.4%: 20% is a 4.5-sigma bound
+    assert est == pytest.approx(true, rel=0.2)
