@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,14 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
             kwargs.update(log_with=cfg.report_to, project_dir=str(out))
         accelerator = Accelerator(**kwargs)
     W = accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if W == 1 and launched > 1:
+        # torchrun / accelerate launch started several processes, but accelerate found no distributed backend
+        # (on a CPU-only machine it needs cpu=True): each process would train alone, on the same output_dir.
+        raise BertAccumError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate sees 1; on a CPU-only machine pass "
+            "--cpu or set ACCELERATE_USE_CPU=1 so the processes join one gloo group"
+        )
     N = cfg.accumulation_steps_for(W)
     B = cfg.per_device_train_batch_size
     main = accelerator.is_main_process
