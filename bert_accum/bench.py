@@ -89,6 +89,9 @@ class BenchConfig:
     micro_batch_size: int = 8
     accumulation_steps: int = 2
     rounds: int = 4
+    low_precision_rounds: int | None = None
+    """Rounds (the first ones) in which the bf16/fp16 contenders run; default all. On a CPU without bf16 matrix
+    units a bf16 round costs ~15 fp32 rounds, and its speed-up is far from 1, so a few rounds measure it."""
     steps_per_round: int = 1
     warmup_steps: int = 1
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
@@ -129,6 +132,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot make a benchmark, with a one-line message each."""
+        if self.low_precision_rounds is not None and self.low_precision_rounds < 1:
+            raise BertAccumError(f"--low_precision_rounds must be >= 1, got {self.low_precision_rounds}")
         for name in ("micro_batch_size", "accumulation_steps", "rounds", "steps_per_round", "warmup_steps",
                      "memory_windows", "matmul_reps"):
             if getattr(self, name) < 1:
@@ -1023,8 +1028,12 @@ def _interleaved_rounds(cfg: BenchConfig, contenders: list[Contender], model_pat
             worker = _Worker(c, _job_for(cfg, c, model_paths[c.model], epoch_windows), pauses, cuda)
             workers.append(worker)
             worker.start()
+        low = R if cfg.low_precision_rounds is None else min(R, cfg.low_precision_rounds)
         for r in range(R):
             order = workers if r % 2 == 0 else workers[::-1]
+            if r >= low:
+                # rounds are paired by index, so the low-precision contenders' rounds are the first `low` ones
+                order = [wk for wk in order if wk.job.precision == "fp32"]
             orders.append([wk.contender.name for wk in order])
             for pos, wk in enumerate(order):
                 rec = wk.turn(r, pos)
@@ -1142,7 +1151,9 @@ def render_markdown(result: BenchResult) -> str:
         f"- batch: micro_batch_size B = {cfg.micro_batch_size}, accumulation_steps N = {cfg.accumulation_steps}, "
         f"num_processes W = 1, effective_batch_size E = {E}",
         f"- {cfg.rounds} rounds x {cfg.steps_per_round} optimizer step(s) per contender per round "
-        f"({cfg.steps_per_round * E} examples per round), after {cfg.warmup_steps} untimed warm-up step(s); "
+        + (f"(bf16/fp16 contenders: the first {cfg.low_precision_rounds} rounds only) "
+           if cfg.low_precision_rounds is not None and cfg.low_precision_rounds < cfg.rounds else "")
+        + f"({cfg.steps_per_round * E} examples per round), after {cfg.warmup_steps} untimed warm-up step(s); "
         "contender order alternates forward/backward between rounds",
         "",
         "## What is timed",

@@ -34,6 +34,8 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--accumulation_steps", "--gradient_accumulation_steps", dest="accumulation_steps", type=int,
                    default=d.accumulation_steps, help=f"accumulation steps N (default {d.accumulation_steps})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"timed rounds per contender (default {d.rounds})")
+    p.add_argument("--low_precision_rounds", type=int,
+                   help="run the bf16/fp16 contenders only in the first this-many rounds (default: every round)")
     p.add_argument("--steps_per_round", type=int, default=d.steps_per_round,
                    help=f"optimizer steps per contender per round (default {d.steps_per_round})")
     p.add_argument("--warmup_steps", type=int, default=d.warmup_steps,
