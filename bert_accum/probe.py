@@ -110,7 +110,10 @@ class ProbeConfig:
     effective_batch_size: int = 32
     micro_batch_sizes: list[int] | None = None
     """Micro batch sizes B; default E, E/2, E/4, E/8, E/16 (the whole ones): 32 16 8 4 2 for E = 32."""
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] | None = None
+    """Arms to probe; default (None): every arm, except `controlled_bf16` on a CPU without bf16 matrix
+    instructions (there bf16 matmuls are emulated, about 8x slower than fp32, and the one arm would take
+    longer than all the others together); name it in `arms` to run it anyway."""
     objective: str = "classification"
     mlm_probability: float = 0.15
     seed: int = 42
@@ -135,9 +138,9 @@ class ProbeConfig:
             if b < 1 or self.effective_batch_size % b:
                 raise BertAccumError(
                     f"micro batch size {b} does not divide the effective batch size {self.effective_batch_size}")
-        if not self.arms:
+        if self.arms is not None and not self.arms:
             raise BertAccumError("--arms needs at least one arm")
-        unknown = [a for a in self.arms if a not in ARMS]
+        unknown = [a for a in self.arms or [] if a not in ARMS]
         if unknown:
             raise BertAccumError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
         if self.objective not in ("classification", "mlm"):
@@ -398,6 +401,19 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 # The probe
 # ----------------------------------------------------------------------------------------------
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (x86 avx512_bf16 or AMX); False where it cannot be told."""
+    from .bench import cpu_info
+
+    flags = cpu_info()["flags"]
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+
+
+def default_arms() -> list[str]:
+    """Every arm, without `controlled_bf16` where bf16 would be emulated (see `ProbeConfig.arms`)."""
+    return [a for a in ARMS if a != "controlled_bf16" or cpu_has_bf16_matmul()]
+
+
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Run the probe, write probe.csv / probe.md (and probe_steps.csv), print the table; returns the rows."""
     from .records import git_commit
@@ -405,6 +421,11 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     started = time.perf_counter()
     cfg.validate()
     say = (lambda *a, **k: None) if cfg.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    if cfg.arms is None:
+        cfg.arms = default_arms()
+        if "controlled_bf16" not in cfg.arms:
+            say("[probe] skipping controlled_bf16: this CPU has no bf16 matrix instructions (avx512_bf16/amx), so bf16 "
+                "would be emulated; add it with --arms ... controlled_bf16")
     prober = _Prober(cfg, say)
     kind = prober.kind
     E = cfg.effective_batch_size

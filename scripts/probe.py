@@ -26,8 +26,9 @@ def parse(argv=None) -> ProbeConfig:
     p.add_argument("--effective_batch_size", type=int, default=32, help="E = B*N (default 32)")
     p.add_argument("--micro_batch_sizes", type=int, nargs="+",
                    help="micro batch sizes B, each dividing E (default E, E/2, ..., E/16: 32 16 8 4 2 for E = 32)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), metavar="ARM",
-                   help="switch settings to probe (default all): " + ", ".join(ARMS))
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="switch settings to probe (default: all, without controlled_bf16 on a CPU that has no bf16 "
+                        "matrix instructions): " + ", ".join(ARMS))
     p.add_argument("--objective", choices=["classification", "mlm"], default="classification")
     p.add_argument("--mlm_probability", type=float, default=0.15, help="masked fraction for --objective mlm")
     p.add_argument("--seed", type=int, default=42, help="head init, data order, dropout and MLM masks (default 42)")

@@ -172,3 +172,13 @@ def test_every_arm_is_defined_once():
     assert {"default", "controlled", "controlled_dropout_standard", "controlled_padding_dynamic",
             "controlled_loss_mean_of_means", "controlled_fp64", "controlled_bf16"} <= set(ARMS)
     assert ARMS["controlled"].dropout == "invariant" and ARMS["default"].dropout == "standard"
+
+
+def test_default_arms_leave_out_bf16_only_where_it_would_be_emulated(monkeypatch):
+    from bert_accum import probe
+
+    monkeypatch.setattr(probe, "cpu_has_bf16_matmul", lambda: False)
+    assert probe.default_arms() == [a for a in probe.ARMS if a != "controlled_bf16"]
+    monkeypatch.setattr(probe, "cpu_has_bf16_matmul", lambda: True)
+    assert probe.default_arms() == list(probe.ARMS)
+    assert ProbeConfig(task_name="rte").arms is None  # resolved when the probe runs
