@@ -655,7 +655,9 @@ def _study_setup(runs: list[Run], study: str) -> str:
     mine = [r for r in runs if r.study == study]
     cfg = json.loads((mine[0].path / "config.json").read_text())
     derived = cfg.get("derived", {})
-    return (f"Model `{Path(str(derived.get('model_path', cfg.get('model_name_or_path')))).name}`, max_length {cfg.get('max_length')}, "
+    name = cfg.get("model_name_or_path")
+    model = "embedded all-MiniLM-L6-v2" if name == "embedded" else name
+    return (f"Model `{model}`, max_length {cfg.get('max_length')}, "
             f"learning rate {cfg.get('learning_rate')}, warmup ratio {cfg.get('warmup_ratio')}, "
             f"{derived.get('total_optimizer_steps')} optimizer steps over {derived.get('train_examples')} training examples "
             f"({derived.get('epochs')} epoch(s)), effective batch {derived.get('effective_batch_size')}; "
@@ -669,11 +671,14 @@ def _growth_table(curves: list[dict[str, Any]]) -> list[str]:
         keyed[(c["study"], c["task"], c["arm"], c["kind"], c["micro_batch_size"], c["accumulation_steps"])].append(c)
     rows = []
     for (study, task, arm, kind, b, n), pts in sorted(keyed.items()):
-        steps = sorted({p["optimizer_step"] for p in pts})
         at = lambda s: statistics.fmean(p["rel_param_distance"] for p in pts if p["optimizer_step"] == s)  # noqa: E731
+        # A step whose reference has not moved yet (learning rate 0 at the first warmup step) has no relative distance.
+        steps = [s for s in sorted({p["optimizer_step"] for p in pts}) if not math.isnan(at(s))]
+        if not steps:
+            continue
         rows.append({"study": study, "task": task, "arm": arm, "compared": "seed floor" if kind == "seed_floor" else f"B{b} N{n}",
-                     "step 1": at(steps[0]) if steps[0] == 1 else float("nan"),
-                     "middle": at(steps[len(steps) // 2]), "last": at(steps[-1]), "last step": steps[-1]})
+                     "first step": steps[0], "at first": at(steps[0]), "middle step": steps[len(steps) // 2],
+                     "at middle": at(steps[len(steps) // 2]), "last step": steps[-1], "at last": at(steps[-1])})
     if not rows:
         return ["(no fingerprints)"]
     return [md_table(rows, list(rows[0]))]
