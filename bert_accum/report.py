@@ -528,6 +528,15 @@ def _final_distance(curves, study, task, arm, bn=None) -> float:
     return statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == last)
 
 
+def _first_distance(curves, arm: str) -> float:
+    """Mean relative parameter distance to the reference at the first step where it is defined (over every task)."""
+    pts = [c for c in curves if c["arm"] == arm and c["kind"] == "vs_reference" and not math.isnan(c["rel_param_distance"])]
+    if not pts:
+        return float("nan")
+    first = min(c["optimizer_step"] for c in pts)
+    return statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == first)
+
+
 def _floor_distance(curves, study, task, arm) -> float:
     pts = [c for c in curves if c["study"] == study and c["task"] == task and c["arm"] == arm and c["kind"] == "seed_floor"]
     if not pts:
@@ -567,6 +576,8 @@ def render_report(runs, summaries, curves, probes, figures, out: Path, md_head: 
         "over different counts, float additions are not associative, and loops get the bookkeeping wrong.",
         "",
     ]
+
+    L += _brief(runs, summaries, curves, probes)
 
     # ---- the causes, one by one
     L += ["## 2. Where real BERT departs, cause by cause", ""]
@@ -649,6 +660,50 @@ def toy_example() -> dict[str, Any]:
     batch_grad = float(v.grad)
     torch.optim.SGD([v], lr=0.01).step()
     return {"accumulated": accumulated, "batch_grad": batch_grad, "w_accumulated": float(w.detach()), "w_batch": float(v.detach())}
+
+
+def _brief(runs, summaries, curves, probes) -> list[str]:
+    """The answer in a few numbers, before the details."""
+    cls = {k: v for k, v in probes.items() if all(r.get("objective") != "mlm" for r in v)}
+    mlm = {k: v for k, v in probes.items() if any(r.get("objective") == "mlm" for r in v)}
+
+    def mean_dist(arm):
+        vals = [s.rel_param_distance for s in summaries if s.arm == arm and s.n_pairs and not math.isnan(s.rel_param_distance)]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    floors = [c["rel_param_distance"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"]
+    last = max((c["optimizer_step"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"), default=None)
+    floor = statistics.fmean(c["rel_param_distance"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"
+                             and c["optimizer_step"] == last) if floors else float("nan")
+    judged = [s for s in summaries if s.beyond_seed_noise and not s.arm.startswith("bug_")]
+    beyond = [s for s in judged if s.beyond_seed_noise == "yes"]
+    bugs = [s for s in summaries if s.arm.startswith("bug_") and s.beyond_seed_noise]
+    L = ["## The answer in brief", ""]
+    L.append(f"- **One step, standard dropout:** the accumulated gradient of (B, N) sits "
+             f"{_range_text(_probe_stat(cls, 'default'))} of a seed floor away from (E, 1) (ratio to the distance "
+             "between two dropout seeds of (E, 1)): dropout masks drawn per micro-batch make accumulation as different "
+             "from the large batch as a new seed. Switching every cause off leaves "
+             f"{_range_text(_probe_stat(cls, 'controlled', 'rel_l2'))} relative L2 in fp32 and "
+             f"{_range_text(_probe_stat(cls, 'controlled_fp64', 'rel_l2'))} in fp64: nothing but summation order.")
+    if mlm:
+        L.append(f"- **Per-token loss:** with masked-LM, averaging micro-batch means (`mean_of_means`) adds "
+                 f"{_range_text(_probe_stat(mlm, 'controlled_loss_mean_of_means', 'rel_l2'))} relative L2 in one step, growing "
+                 "as B shrinks; `global` normalisation removes it. Padding, once the attention mask is honoured, adds only "
+                 "round-off.")
+    L.append(f"- **Over training:** the default arm ends {_fmt(mean_dist('default'))} (relative parameter distance, mean over "
+             f"tasks and (B, N)) from the large batch of the same seed, against {_fmt(floor)} between two seeds of the "
+             f"large batch; the controlled arm ends {_fmt(mean_dist('controlled'))} away.")
+    if judged:
+        L.append(f"- **Final metrics:** {len(beyond)} of {len(judged)} (B, N) cells differ from the large batch beyond seed "
+                 "noise (95% interval of the paired difference excludes 0 and exceeds one seed standard deviation)"
+                 + (": " + ", ".join(f"{s.task} {s.arm} B{s.micro_batch_size}N{s.accumulation_steps}" for s in beyond) if beyond else "")
+                 + f" (n = {min(s.n_pairs for s in judged)}–{max(s.n_pairs for s in judged)} seeds per cell).")
+    if bugs:
+        L.append("- **Loop bugs** (against the correct loop): " + "; ".join(
+            f"{s.arm[4:]}: {s.metric_name} {_fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}, "
+            f"{'beyond' if s.beyond_seed_noise == 'yes' else 'within'} seed noise" for s in bugs) + ".")
+    L.append("")
+    return L
 
 
 def _study_setup(runs: list[Run], study: str) -> str:
@@ -772,8 +827,12 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
         f"in float64: {_range_text(_probe_stat(cls_probes, 'controlled_fp64', 'rel_l2'))}. The fp32 difference is "
         "summation order, nothing else.",
         f"- bf16 autocast (one step): relative L2 {_range_text(_probe_stat(cls_probes, 'controlled_bf16', 'rel_l2'))}.",
-        f"- Over training, the controlled arm's fp32 round-off grows to a final relative parameter distance of {_fmt(d_ctl)} "
-        "(table in section 4): training amplifies a 1e-7 difference, but it stays far below the seed floor.",
+        f"- Over training, the controlled arm's fp32 round-off becomes a relative parameter distance of "
+        f"{_fmt(_first_distance(curves, 'controlled'))} after the first step that moves the weights and "
+        f"{_fmt(d_ctl)} at the end (section 4), against {_fmt(f_def)} between two seeds. The jump from the gradient's 1e-7 "
+        "to 1e-5 in one step fits Adam's first update, lr·g/(|g| + ε) ≈ lr·sign(g): a coordinate whose gradient is near "
+        "zero gets a full-size step whose sign round-off can decide (a likely mechanism, not measured separately here); "
+        "after that step the distance stays flat.",
         "",
     ]
     attribution.append({"cause": "fp32 summation order", "switch": "(fp64 shows the floor)",
