@@ -215,6 +215,8 @@ class TrainConfig:
                 argv.append(f"--{f.name}" if value else f"--no-{f.name}")
             elif isinstance(value, list):
                 argv += [f"--{f.name}", *map(str, value)]
+            elif value is None and f.name == "max_grad_norm":
+                argv += ["--max_grad_norm", "0"]  # None and <= 0 both mean "no clipping"
             elif value is None:
                 raise BertAccumError(f"--{f.name} cannot be reset to None from the command line")
             else:
@@ -232,10 +234,27 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise BertAccumError(f"unknown config key(s): {', '.join(unknown)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: _coerce(fields[k], v) for k, v in values.items()}
         cfg = cls(**values)
         if cfg.checkpointing_steps is not None:
             cfg.checkpointing_steps = str(cfg.checkpointing_steps)
         return cfg
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Numbers given as text (YAML reads `5e-5` as a string) become the field's int/float, as argparse would make them."""
+    typ = _type_of(f)
+    if typ is str or value is None:
+        return value
+    if isinstance(value, list):
+        return [typ(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str) or (typ is float and isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            return typ(value)
+        except ValueError:
+            raise BertAccumError(f"{f.name}: expected a number, got {value!r}") from None
+    return value
 
 
 def _type_of(f: dataclasses.Field) -> Any:

@@ -227,10 +227,10 @@ def run_cell(cell: Cell, launcher: str | None = None, threads: int | None = None
     The cell's output goes to ``<log_dir>/<cell name with / as __>.log`` (default log_dir: ``<runs_dir>/logs``),
     appended across attempts.
     """
+    check_config_matches(cell)
     status = cell_status(cell)
     if status == "finished":
         return "skipped"
-    check_config_matches(cell)
     env = dict(os.environ)
     if threads:
         # P cells side by side on C cores: each gets C/P intra-op threads instead of all fighting for C.
@@ -259,6 +259,8 @@ def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, 
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
     outcomes: dict[str, str] = {}
     lock = threading.Lock()
+    for c in cells:
+        check_config_matches(c)  # a finished folder from other settings (a smoke test) must not count as done
     todo = [c for c in cells if cell_status(c) != "finished"]
     say(f"[bert_accum grid] {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run"
         + (f", {parallel} at a time with {threads} threads each" if parallel > 1 else ""))
@@ -283,8 +285,13 @@ def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, 
             one(cell)
     else:
         with ThreadPoolExecutor(parallel) as pool:
-            for fut in [pool.submit(one, c) for c in todo]:
-                fut.result()
+            futures = [pool.submit(one, c) for c in todo]
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure, as the serial loop does
+                raise
     return outcomes
 
 
@@ -333,6 +340,8 @@ def grid_main(argv: list[str] | None = None) -> int:
             cells = [cells[i] for i in a.cell]
         if a.dry_run or a.status:
             for cell in cells:
+                if a.status:
+                    check_config_matches(cell)
                 print(describe(cell, a.launcher) if a.dry_run else f"{cell.index}\t{cell_status(cell)}\t{cell.name}")
             return
         outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)

@@ -75,8 +75,13 @@ class Run:
 
     @property
     def metric(self) -> float:
-        """Final value of the headline metric (NaN if the run stopped early)."""
-        return float(self.final.get("eval", {}).get(self.metric_name, float("nan")))
+        """Final value of the headline metric (NaN if the run stopped early); with several evaluation splits
+        (MNLI: validation_matched/..., validation_mismatched/...) the first split's."""
+        ev = self.final.get("eval", {})
+        if self.metric_name in ev:
+            return float(ev[self.metric_name])
+        split_keys = sorted(k for k in ev if k.endswith("/" + self.metric_name))
+        return float(ev[split_keys[0]]) if split_keys else float("nan")
 
     @property
     def fingerprints(self) -> dict[int, np.ndarray]:
@@ -116,13 +121,17 @@ def _arm_label(cfg: dict[str, Any]) -> str:
 
 
 def reference_of(run: Run, runs_by_key: dict[tuple, Run]) -> Run | None:
-    """The paired reference: (E, 1) of the same arm if the study has it, else the `default` arm at the same (B, N)."""
-    e = run.effective_batch_size
-    big = runs_by_key.get((run.study, run.task, run.arm, (e, 1), run.seed))
-    if big is not None:
+    """The paired reference of the same seed and process count W: the large batch (E/W, 1) of the same arm when the
+    study has that cell for any seed, otherwise the `default` arm at the same (B, N). The kind of reference is decided
+    per cell, not per seed, so a missing large-batch run leaves its seed unpaired instead of mixing in another kind."""
+    W = run.num_processes
+    large = (run.effective_batch_size // W, 1)
+    cell = (run.study, run.task, run.arm, large, W)
+    if any(k[:5] == cell for k in runs_by_key):
+        big = runs_by_key.get((*cell, run.seed))
         return big if big is not run else None
     if run.arm != "default":
-        return runs_by_key.get((run.study, run.task, "default", run.bn, run.seed))
+        return runs_by_key.get((run.study, run.task, "default", run.bn, W, run.seed))
     return None
 
 
@@ -159,6 +168,7 @@ class Summary:
     n: int
     mean: float
     std: float
+    non_finite: int = 0
     n_pairs: int = 0
     diff_mean: float = float("nan")
     diff_lo: float = float("nan")
@@ -174,7 +184,7 @@ class Summary:
 
 
 def _key(run: Run) -> tuple:
-    return run.study, run.task, run.arm, run.bn, run.seed
+    return run.study, run.task, run.arm, run.bn, run.num_processes, run.seed
 
 
 def param_distance(run: Run, ref: Run, step: int | None = None) -> float:
@@ -208,8 +218,10 @@ def summarise(runs: list[Run]) -> list[Summary]:
         row.train_seconds = statistics.fmean(r.final.get("train_seconds", float("nan")) for r in members)
         row.examples_per_second = statistics.fmean(r.final.get("examples_per_second", float("nan")) for r in members)
         row.device = ",".join(sorted({str(r.final.get("device", "")) for r in members}))
+        row.non_finite = sum(math.isnan(r.metric) for r in members)
         pairs = [(r, reference_of(r, by_key)) for r in members]
-        pairs = [(r, ref) for r, ref in pairs if ref is not None]
+        # a diverged run (or reference) has no final metric: counted in `non_finite`, left out of the pairs
+        pairs = [(r, ref) for r, ref in pairs if ref is not None and not math.isnan(r.metric) and not math.isnan(ref.metric)]
         if pairs:
             ref0 = pairs[0][1]
             row.reference = f"{ref0.arm} B{ref0.micro_batch_size}_N{ref0.accumulation_steps}"
@@ -330,7 +342,7 @@ def summary_rows(summaries: list[Summary]) -> list[dict[str, Any]]:
     for s in summaries:
         rows.append({
             "task": s.task, "arm": s.arm, "B": s.micro_batch_size, "N": s.accumulation_steps, "metric": s.metric_name,
-            "n": s.n, "mean ± std": _pm(s.mean, s.std), "paired diff": _fmt(s.diff_mean),
+            "n": f"{s.n} ({s.non_finite} diverged)" if s.non_finite else s.n, "mean ± std": _pm(s.mean, s.std), "paired diff": _fmt(s.diff_mean),
             "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": _fmt(s.seed_std), "beyond noise": s.beyond_seed_noise or "—",
             "param dist": _pm(s.rel_param_distance, s.rel_param_distance_std) if not math.isnan(s.rel_param_distance) else "—",
             "vs": s.reference or "—",
@@ -389,8 +401,8 @@ def plot_task(runs: list[Run], curves: list[dict[str, Any]], task: str, study: s
             ax.plot(steps, ys, styles[ai % 4], color="grey", lw=2.5, alpha=0.6, label=f"{arm}: seed floor")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer_step")
-    ax.set_ylabel("||θ(B,N) − θ(E,1)|| / ||θ(E,1) − θ₀||")
-    ax.set_title(f"{task}: parameter distance to the large batch (mean over seeds)")
+    ax.set_ylabel("||θ − θ_ref|| / ||θ_ref − θ₀||")
+    ax.set_title(f"{study} / {task}: parameter distance to the paired reference (mean over seeds)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -695,7 +707,7 @@ def _brief(runs, summaries, curves, probes) -> list[str]:
              f"large batch; the controlled arm ends {_fmt(mean_dist('controlled'))} away.")
     if judged:
         L.append(f"- **Final metrics:** {len(beyond)} of {len(judged)} (B, N) cells differ from the large batch beyond seed "
-                 "noise (95% interval of the paired difference excludes 0 and exceeds one seed standard deviation)"
+                 "noise (the 95% interval of the paired difference excludes 0 and its mean exceeds one seed standard deviation)"
                  + (": " + ", ".join(f"{s.task} {s.arm} B{s.micro_batch_size}N{s.accumulation_steps}" for s in beyond) if beyond else "")
                  + f" (n = {min(s.n_pairs for s in judged)}–{max(s.n_pairs for s in judged)} seeds per cell).")
     if bugs:
@@ -847,8 +859,9 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
         L += ["### Known loop bugs (measured, against the correct loop at the same (B, N) and seeds)", ""]
         table = []
         for s in bug_rows:
-            members = [r for r in runs if r.study == s.study and r.arm == s.arm and r.bn == (s.micro_batch_size, s.accumulation_steps)]
-            refs = [r for r in runs if r.study == s.study and r.arm == "default" and r.bn == (s.micro_batch_size, s.accumulation_steps)]
+            bn = (s.micro_batch_size, s.accumulation_steps)
+            members = [r for r in runs if (r.study, r.task, r.arm, r.bn) == (s.study, s.task, s.arm, bn)]
+            refs = [r for r in runs if (r.study, r.task, r.arm, r.bn) == (s.study, s.task, "default", bn)]
             table.append({"bug": s.arm[4:], "task": s.task, "B": s.micro_batch_size, "N": s.accumulation_steps, "n": s.n_pairs,
                           "optimizer steps": _steps_text(members), "correct loop steps": _steps_text(refs),
                           "last LR": _last_lr(members), "correct last LR": _last_lr(refs),
@@ -885,7 +898,7 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
 
 
 def _steps_text(members: list[Run]) -> str:
-    vals = sorted({m.final.get("optimizer_steps") for m in members})
+    vals = sorted({m.final.get("optimizer_steps", m.final.get("optimizer_step")) for m in members} - {None})
     return ",".join(map(str, vals))
 
 

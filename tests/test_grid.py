@@ -208,3 +208,23 @@ def test_fingerprints_are_deterministic_and_measure_distance():
     est = float(np.linalg.norm(Fingerprinter(1024).project(twin) - a))
     # E||S(x-y)||^2 = ||x-y||^2 with relative spread sqrt(2/1024) = 4.4%: 20% is a 4.5-sigma bound
     assert est == pytest.approx(true, rel=0.2)
+
+
+def test_yaml_numbers_written_as_text_become_numbers_and_no_clipping_round_trips():
+    spec = GridSpec.from_dict({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]],
+                               "shared": {"learning_rate": "2e-5", "max_grad_norm": None, "fingerprint_steps": ["0", "3"]}})
+    cfg = expand(spec)[0].config
+    assert cfg.learning_rate == 2e-5 and cfg.fingerprint_steps == [0, 3]
+    back = parse_args(cfg.to_argv())
+    assert back.learning_rate == 2e-5 and back.max_grad_norm == 0.0  # None and 0 both mean no clipping
+    with pytest.raises(BertAccumError, match="learning_rate: expected a number"):
+        TrainConfig.from_dict({"task_name": "rte", "learning_rate": "fast"})
+
+
+def test_a_finished_folder_from_other_settings_is_not_counted_as_done(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
+    assert grid_main([str(grid), "--set", "max_train_steps=1"]) == 0  # a smoke test into the same runs_dir
+    with pytest.raises(BertAccumError, match="different settings.*max_train_steps"):
+        from bert_accum.grid import run_grid
+
+        run_grid(expand(GridSpec.load(grid)), say=lambda *_: None)

@@ -132,3 +132,19 @@ def test_report_files_are_written_with_headers_and_numbers(study):
     assert first.startswith("# produced by: python scripts/report.py") and len(rows) == 6
     runs_csv = (out / "study/runs.csv").read_text().splitlines()
     assert len(runs_csv) == 2 + 16
+
+
+def test_a_missing_large_batch_run_leaves_its_seed_unpaired_and_diverged_runs_are_counted(study):
+    import shutil
+
+    root = study / "runs/study"
+    shutil.rmtree(root / "rte/controlled/B32_N1/seed3")  # that seed's large-batch run is missing
+    bad = root / "rte/default/B8_N4/seed2/final_metrics.json"
+    final = json.loads(bad.read_text())
+    final.update(status="non_finite_loss", eval={})
+    bad.write_text(json.dumps(final))
+    rows = {(s.arm, s.micro_batch_size): s for s in summarise(load_runs([root]))}
+    ctl = rows[("controlled", 8)]
+    assert ctl.n == 3 and ctl.n_pairs == 2 and ctl.reference == "controlled B32_N1"  # not mixed with `default`
+    d = rows[("default", 8)]
+    assert d.non_finite == 1 and d.n_pairs == 2 and d.diff_mean == pytest.approx(0.11)  # seeds 1 and 3: 0.10, 0.12
