@@ -642,13 +642,14 @@ def render_report(runs, summaries, curves, probes, figures, out: Path, md_head: 
     crow = []
     for (study, task, bn), members in sorted(cost.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2][0])):
         crow.append({"study": study, "task": task, "B": bn[0], "N": bn[1], "runs": len(members),
-                     "train s / run": statistics.fmean(m.final.get("train_seconds", 0) for m in members),
-                     "examples/s": statistics.fmean(m.final.get("examples_per_second", 0) for m in members),
+                     "median train s / run": statistics.median(m.final.get("train_seconds", 0) for m in members),
+                     "median examples/s": statistics.median(m.final.get("examples_per_second", 0) for m in members),
                      "device": ",".join(sorted({str(m.final.get('device')) for m in members}))})
     L += [md_table(crow, list(crow[0])), ""]
     L += [f"Total training time {total_seconds / 3600:.2f} h over {n_runs} runs (excluding start-up and evaluation). "
-          "Runs shared the machine's cores with each other (two at a time) and with other work, so throughput here is "
-          "indicative; see `perf.md` for controlled timings.", ""]
+          "Runs shared the machine's cores with each other (two at a time) and with other work, and a few were "
+          "paused while the machine was needed for timings, hence medians; throughput here is indicative, see "
+          "`perf.md` for controlled timings.", ""]
     return "\n".join(L) + "\n"
 
 
