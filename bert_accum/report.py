@@ -807,7 +807,8 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
                         "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_padding_dynamic")),
                         "training: param distance": "in the default arm (probe: round-off)", "training: mean abs metric diff": "—"})
 
-    mlm_rows = {a: [s for s in summaries if s.arm == a and s.n_pairs] for a in ("mlm_default", "mlm_global", "mlm_controlled")}
+    mlm_rows = {a: [s for s in summaries if s.arm == a and s.n_pairs]
+                for a in ("mlm_default", "mlm_global", "mlm_controlled", "mlm_controlled_mean_of_means")}
     L += [
         "### Per-token loss averaging (masked-LM)",
         "",
@@ -825,6 +826,14 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
             L.append(f"- Training, `{arm}` B={s.micro_batch_size} N={s.accumulation_steps} (n={s.n_pairs}): final relative "
                      f"parameter distance to (E, 1) {_pm(s.rel_param_distance, s.rel_param_distance_std)}, paired "
                      f"{s.metric_name} difference {_fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}.")
+    dist = {a: statistics.fmean(s.rel_param_distance for s in rows) for a, rows in mlm_rows.items() if rows}
+    if "mlm_default" in dist and "mlm_global" in dist:
+        L.append(f"- With standard dropout the normalisation hardly shows over training: {_fmt(dist['mlm_default'])} "
+                 f"(mean_of_means) against {_fmt(dist['mlm_global'])} (global), because the dropout masks already move "
+                 "(B, N) that far from (E, 1).")
+    if "mlm_controlled" in dist and "mlm_controlled_mean_of_means" in dist:
+        L.append(f"- With dropout and padding held fixed it is the only difference left: {_fmt(dist['mlm_controlled'])} "
+                 f"(global) against {_fmt(dist['mlm_controlled_mean_of_means'])} (mean_of_means).")
     L.append("")
     attribution.append({"cause": "per-token loss averaging", "switch": "--loss_normalization global",
                         "one step (ratio to seed floor)": _range_text(_probe_stat(mlm_probes, "controlled_loss_mean_of_means")),
