@@ -71,6 +71,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import BertAccumError
+from .records import cpu_info
 
 LOOPS = ("plain", "bert_accum", "bert_accum_light")
 MEMORY_LOOPS = ("bert_accum", "plain")
@@ -910,24 +911,6 @@ def measure_peak_memory(jobs: list[Job], threads: int | None, windows: int, para
 # ---------------------------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------------------------
-
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model name, logical CPU count and the matrix-relevant instruction-set flags."""
-    name, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("unknown", "x86_64", ""):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": name, "logical_cpus": os.cpu_count(), "flags": {f: f in flags for f in _CPU_FLAGS}}
-
 
 def _environment(cfg: BenchConfig, device: str) -> dict[str, Any]:
     import importlib.metadata

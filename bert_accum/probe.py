@@ -403,7 +403,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU has bf16 matrix instructions (x86 avx512_bf16 or AMX); False where it cannot be told."""
-    from .bench import cpu_info
+    from .records import cpu_info
 
     flags = cpu_info()["flags"]
     return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))

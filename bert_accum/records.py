@@ -68,6 +68,24 @@ def environment(device: str, num_processes: int, precision: str, extra: dict[str
     return env
 
 
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model name, logical CPU count and the matrix-relevant instruction-set flags."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("unknown", "x86_64", ""):
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name, "logical_cpus": os.cpu_count(), "flags": {f: f in flags for f in _CPU_FLAGS}}
+
+
 def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> Path:
     """Check the folder may be written; refuse a non-empty one unless overwriting or resuming into it."""
     path = Path(output_dir)
