@@ -94,11 +94,29 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     num_train_epochs: int = _f(3, "Epochs to train (ignored when --max_train_steps is given).")
     max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs.")
+    max_train_examples: int | None = _f(
+        None,
+        "Train on this many examples in all (optimizer steps = ceil(n / effective batch)), so runs of different "
+        "effective batch see the same data; overrides --num_train_epochs, exclusive with --max_train_steps.",
+    )
     lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...).")
     num_warmup_steps: int = _f(0, "Warmup length in optimizer steps.")
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of the total optimizer steps (used when --num_warmup_steps is 0).")
     max_grad_norm: float | None = _f(1.0, "Clip the accumulated gradient to this L2 norm (<= 0 or None: no clipping).")
-    seed: int = _f(42, "Seed for head initialisation, data order, dropout and MLM masking.")
+    seed: int = _f(
+        42,
+        "Seed of the classification head's initialisation; also of the data order and the dropout masks unless "
+        "--data_seed / --dropout_seed are given.",
+    )
+    data_seed: int | None = _f(
+        None, "Seed of the example order and the masked-LM masks (as the HF Trainer's data_seed); default: --seed."
+    )
+    dropout_seed: int | None = _f(
+        None,
+        "Seed of the dropout masks (standard or invariant); default: --seed. Given, standard dropout's torch stream "
+        "restarts from it after the model is built, so it no longer depends on --seed; not given, the stream "
+        "continues from --seed's initialisation of the head.",
+    )
 
     # --- drift controls -------------------------------------------------------------------------
     dropout: str = _f(
@@ -124,7 +142,11 @@ class TrainConfig:
     # --- records, evaluation, checkpoints -------------------------------------------------------
     output_dir: str | None = _f(None, "Run folder to write (config, environment, per-step records, metrics).")
     overwrite_output_dir: bool = _f(False, "Allow writing into an existing non-empty --output_dir (its contents are replaced).")
-    eval_steps: int | None = _f(None, "Evaluate every this-many optimizer steps (always at the end of each epoch and of training).")
+    eval_steps: float | None = _f(
+        None,
+        "Evaluate every this-many optimizer steps, or, below 1, every this fraction of the total steps as in the "
+        "HF Trainer (always at the end of each epoch and of training).",
+    )
     fingerprint_steps: list[int] = _f(
         [], "Optimizer steps at which to store a random projection of all parameters (0 = the initial weights).", nargs="*"
     )
@@ -163,6 +185,24 @@ class TrainConfig:
             return n
         return 1 if self.gradient_accumulation_steps is None else self.gradient_accumulation_steps
 
+    @property
+    def resolved_data_seed(self) -> int:
+        """The seed of the example order and MLM masks: `data_seed`, or `seed` when it is not given."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def resolved_dropout_seed(self) -> int:
+        """The seed of the dropout masks: `dropout_seed`, or `seed` when it is not given."""
+        return self.seed if self.dropout_seed is None else self.dropout_seed
+
+    def eval_every(self, total_optimizer_steps: int) -> int | None:
+        """Optimizer steps between evaluations: `eval_steps`, or its fraction of the total steps."""
+        if self.eval_steps is None:
+            return None
+        if self.eval_steps < 1:
+            return max(1, math.ceil(self.eval_steps * total_optimizer_steps))
+        return int(self.eval_steps)
+
     def validate(self) -> None:
         """Reject values that cannot make a run, with a one-line message each."""
         if not self.task_name:
@@ -192,8 +232,13 @@ class TrainConfig:
                 raise BertAccumError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise BertAccumError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise BertAccumError(f"--eval_steps must be >= 1, got {self.eval_steps}")
+        if self.eval_steps is not None and not (0 < self.eval_steps < 1 or float(self.eval_steps).is_integer()):
+            raise BertAccumError(f"--eval_steps must be a whole number >= 1 or a fraction in (0, 1), got {self.eval_steps}")
+        if self.max_train_examples is not None:
+            if self.max_train_examples < 1:
+                raise BertAccumError(f"--max_train_examples must be >= 1, got {self.max_train_examples}")
+            if self.max_train_steps is not None:
+                raise BertAccumError("give --max_train_examples or --max_train_steps, not both")
         for name in ("dropout", "padding", "loss_normalization", "objective", "precision"):
             allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}[name]
             if getattr(self, name) not in allowed:
@@ -327,10 +372,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def total_steps(num_windows_per_epoch: int, num_train_epochs: int, max_train_steps: int | None) -> tuple[int, int]:
+def total_steps(num_windows_per_epoch: int, num_train_epochs: int, max_train_steps: int | None,
+                max_train_examples: int | None = None, effective_batch_size: int = 1) -> tuple[int, int]:
     """(total optimizer steps, epochs) with the schedule sized in optimizer steps, never micro-steps."""
     if num_windows_per_epoch < 1:
         raise BertAccumError("the training split gives no full accumulation window (too few examples for B*N*W)")
+    if max_train_examples is not None:
+        max_train_steps = math.ceil(max_train_examples / effective_batch_size)
     if max_train_steps is not None:
         return max_train_steps, math.ceil(max_train_steps / num_windows_per_epoch)
     return num_windows_per_epoch * num_train_epochs, num_train_epochs

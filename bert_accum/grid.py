@@ -15,6 +15,13 @@ A grid file (see ``configs/``)::
     shared: {max_length: 128, learning_rate: 5.0e-5, max_train_steps: 30}
     task_overrides: {sst2: {max_train_samples: 960}}
 
+Three keys inside an arm belong to the grid, not to `TrainConfig`: ``seeds`` and ``batches`` restrict the arm
+to some of the grid's seeds and (B, N) pairs (a noise floor needs only the (E, 1) reference), and
+``seed_offsets`` (also a top-level key, the default of every arm) sets `seed`, `data_seed` or `dropout_seed`
+to the cell's seed plus an offset, e.g. ``{dropout_seed: 100}`` for a dropout-only floor.
+``equivalence_margins`` ({task: {metric: margin}}) states the equivalence margins of the study before it runs;
+the grid only records them, the report reads them.
+
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
 behind a launcher such as ``accelerate launch``. Cells are ordered seed-major (all cells of the first seed,
@@ -53,8 +60,11 @@ from .errors import BertAccumError
 
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
-    "task_overrides", "keep_checkpoints",
+    "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins",
 }
+# Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
+ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
+SEED_FIELDS = ("seed", "data_seed", "dropout_seed")
 # Set by the grid for every cell; a grid file that sets them itself would contradict its own layout.
 _CELL_KEYS = ("task_name", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "output_dir")
 # Fields that may legitimately differ between a cell and the config.json of its (resumed) run folder.
@@ -93,6 +103,11 @@ class GridSpec:
     shared: dict[str, Any]
     task_overrides: dict[str, dict[str, Any]]
     keep_checkpoints: bool = False
+    arm_seeds: dict[str, list[int]] = field(default_factory=dict)
+    arm_batches: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    seed_offsets: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per arm: {seed field: offset added to the cell's seed}."""
+    equivalence_margins: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -106,7 +121,7 @@ class GridSpec:
         if ("batches" in raw) == ("micro_batch_sizes" in raw):
             raise BertAccumError(f"{source}: give either 'batches' ([[B, N], ...]) or 'micro_batch_sizes' with 'effective_batch_size'")
         if "batches" in raw:
-            batches = [(int(b), int(n)) for b, n in raw["batches"]]
+            batches = _batch_pairs(raw["batches"], f"{source}: batches")
         else:
             e = raw.get("effective_batch_size")
             if not e:
@@ -115,7 +130,22 @@ class GridSpec:
             if bad:
                 raise BertAccumError(f"{source}: micro batch size(s) {bad} do not divide effective_batch_size {e}")
             batches = [(int(b), e // int(b)) for b in raw["micro_batch_sizes"]]
-        arms = raw.get("arms") or {"default": {}}
+        arms = {a: dict(v or {}) for a, v in (raw.get("arms") or {"default": {}}).items()}
+        seeds = [int(s) for s in raw["seeds"]]
+        default_offsets = _seed_offsets(raw.get("seed_offsets") or {}, f"{source}: seed_offsets")
+        arm_seeds, arm_batches, offsets = {}, {}, {}
+        for a, values in arms.items():
+            if "seeds" in values:
+                arm_seeds[a] = [int(s) for s in values.pop("seeds")]
+                stray = sorted(set(arm_seeds[a]) - set(seeds))
+                if stray:
+                    raise BertAccumError(f"{source}: arms.{a}.seeds {stray} are not among the grid's seeds")
+            if "batches" in values:
+                arm_batches[a] = _batch_pairs(values.pop("batches"), f"{source}: arms.{a}.batches")
+                stray = sorted(set(arm_batches[a]) - set(batches))
+                if stray:
+                    raise BertAccumError(f"{source}: arms.{a}.batches {stray} are not among the grid's batches")
+            offsets[a] = {**default_offsets, **_seed_offsets(values.pop("seed_offsets", {}), f"{source}: arms.{a}.seed_offsets")}
         shared = dict(raw.get("shared") or {})
         overrides = raw.get("task_overrides") or {}
         for where, values in [("shared", shared), *((f"arms.{a}", v or {}) for a, v in arms.items()),
@@ -128,9 +158,12 @@ class GridSpec:
             raise BertAccumError(f"{source}: task_overrides for task(s) not in the grid: {', '.join(stray)}")
         return cls(
             name=str(raw.get("name", "grid")), runs_dir=str(raw.get("runs_dir", "runs")), tasks=list(raw["tasks"]),
-            batches=batches, seeds=[int(s) for s in raw["seeds"]], arms={a: dict(v or {}) for a, v in arms.items()},
+            batches=batches, seeds=seeds, arms=arms,
             shared=shared, task_overrides={t: dict(v or {}) for t, v in overrides.items()},
             keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
+            arm_seeds=arm_seeds, arm_batches=arm_batches, seed_offsets=offsets,
+            equivalence_margins={t: {m: float(x) for m, x in (v or {}).items()}
+                                 for t, v in (raw.get("equivalence_margins") or {}).items()},
         )
 
     @classmethod
@@ -150,6 +183,24 @@ class GridSpec:
         return cls.from_dict(raw, source=str(p))
 
 
+def _batch_pairs(value: Any, where: str) -> list[tuple[int, int]]:
+    """[[B, N], ...] as int pairs."""
+    try:
+        return [(int(b), int(n)) for b, n in value]
+    except (TypeError, ValueError):
+        raise BertAccumError(f"{where} must be a list of [B, N] pairs, got {value!r}") from None
+
+
+def _seed_offsets(value: Any, where: str) -> dict[str, int]:
+    """{seed field: int offset}, checked."""
+    if not isinstance(value, dict) or set(value) - set(SEED_FIELDS):
+        raise BertAccumError(f"{where} maps {', '.join(SEED_FIELDS)} to integer offsets, got {value!r}")
+    try:
+        return {k: int(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise BertAccumError(f"{where} maps {', '.join(SEED_FIELDS)} to integer offsets, got {value!r}") from None
+
+
 def expand(spec: GridSpec, runs_dir: str | None = None, set_values: dict[str, Any] | None = None) -> list[Cell]:
     """All cells of the grid in run order (seed, task, arm, (B, N)), each with a validated TrainConfig.
 
@@ -158,12 +209,15 @@ def expand(spec: GridSpec, runs_dir: str | None = None, set_values: dict[str, An
     root = Path(runs_dir or spec.runs_dir)
     cells: list[Cell] = []
     for seed, task, (arm, arm_values), (b, n) in itertools.product(spec.seeds, spec.tasks, spec.arms.items(), spec.batches):
+        if seed not in spec.arm_seeds.get(arm, spec.seeds) or (b, n) not in spec.arm_batches.get(arm, spec.batches):
+            continue
         name = f"{task}/{arm}/B{b}_N{n}/seed{seed}"
         values = {
             **spec.shared, **arm_values, **spec.task_overrides.get(task, {}), **(set_values or {}),
             "task_name": task, "per_device_train_batch_size": b, "gradient_accumulation_steps": n, "seed": seed,
             "output_dir": str(root / name), "disable_progress_bar": True,
         }
+        values.update({key: seed + offset for key, offset in spec.seed_offsets.get(arm, {}).items()})
         try:
             cfg = TrainConfig.from_dict(values)
             cfg.validate()

@@ -201,6 +201,11 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     set_seed(cfg.seed)  # the fresh classification head is the same for every (B, N) of a seed
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer, model = load_tokenizer_and_model(model_path, task, cfg.objective, cfg.cache_dir)
+    if cfg.dropout_seed is not None:
+        # Standard dropout draws from torch's stream, which set_seed(seed) started before the head was
+        # initialised; an explicit dropout seed restarts it here, so the masks no longer depend on --seed
+        # (an initialisation-only floor keeps them) and the head stays the seed's.
+        set_seed(cfg.dropout_seed)
     max_pos = model.config.max_position_embeddings
     if cfg.max_length > max_pos:
         raise BertAccumError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions")
@@ -219,11 +224,13 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     kind = "mlm" if cfg.objective == "mlm" else ("regression" if task.is_regression else "classification")
 
     plan = WindowPlan(
-        num_examples=len(train), micro_batch_size=B, accumulation_steps=N, num_processes=W, seed=cfg.seed,
+        num_examples=len(train), micro_batch_size=B, accumulation_steps=N, num_processes=W, seed=cfg.resolved_data_seed,
         drop_last_window=cfg.drop_last_window, step_mod_boundaries="step_mod_boundaries" in cfg.bug_modes,
     )
     steps_per_epoch = plan.num_windows_per_epoch()
-    max_steps, epochs = total_steps(steps_per_epoch, cfg.num_train_epochs, cfg.max_train_steps)
+    max_steps, epochs = total_steps(steps_per_epoch, cfg.num_train_epochs, cfg.max_train_steps,
+                                    cfg.max_train_examples, plan.effective_batch_size)
+    eval_every = cfg.eval_every(max_steps)
     if cfg.num_warmup_steps:
         warmup = cfg.num_warmup_steps
     else:
@@ -243,7 +250,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     # --- dropout controls go on the bare model, before accelerate wraps it -------------------------
     if cfg.precision == "fp64":
         model = model.double()
-    dropout = DropoutController(model, cfg.dropout, cfg.seed)
+    dropout = DropoutController(model, cfg.dropout, cfg.resolved_dropout_seed)
     groups = {n: parameter_group(n) for n, _ in model.named_parameters()}
     optimizer = _optimizer(model, cfg)
     # The scheduler is NOT passed to accelerator.prepare: AcceleratedScheduler steps W times per call
@@ -257,7 +264,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     accelerator.register_for_checkpointing(scheduler, progress)
 
     collate = Collator(train, tokenizer, cfg.padding, cfg.max_length, mlm=cfg.objective == "mlm",
-                       mlm_probability=cfg.mlm_probability, seed=cfg.seed)
+                       mlm_probability=cfg.mlm_probability, seed=cfg.resolved_data_seed)
     eval_loaders = _eval_loaders(tokenized, task, tokenizer, cfg, accelerator)
 
     resume_path = None
@@ -278,6 +285,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         "optimizer_steps_per_epoch": steps_per_epoch, "total_optimizer_steps": max_steps, "epochs": epochs,
         "num_warmup_steps": warmup, "train_examples": len(train), "model_path": model_path, "task": task.name,
         "synthetic_data": task.name == "synthetic",
+        "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed},
     }
     fingerprinter = Fingerprinter(cfg.fingerprint_dim) if cfg.fingerprint_steps else None
     keep = progress.optimizer_step if resuming else None
@@ -330,7 +338,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
                 end_of_epoch = k == len(windows)
                 step = progress.optimizer_step
-                if (cfg.eval_steps and step % cfg.eval_steps == 0) or end_of_epoch or step == max_steps:
+                if (eval_every and step % eval_every == 0) or end_of_epoch or step == max_steps:
                     last_eval = _evaluate(model, eval_loaders, task, kind, accelerator, cfg, dropout)
                     last_eval.update(optimizer_step=step, epoch=epoch)
                     if main:

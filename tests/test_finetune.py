@@ -181,3 +181,17 @@ def test_tensorboard_tracking(tmp_path, tiny_model_dir, synthetic_glue_dir):
                                "--report_to", "tensorboard")) == 0
     events = list(out.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
+
+
+def test_max_train_examples_sizes_steps_by_effective_batch_and_eval_steps_fraction(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """20 examples: 5 steps at E=4, 3 at E=8 (ceil); eval_steps 0.5 evaluates half-way and at the end."""
+    for b, n, steps, evals in ((4, 1, 5, [3, 5]), (2, 4, 3, [2, 3])):
+        out = tmp_path / f"B{b}_N{n}"
+        assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--per_device_train_batch_size", str(b),
+                                   "--gradient_accumulation_steps", str(n), "--max_train_examples", "20",
+                                   "--eval_steps", "0.5")) == 0
+        assert [r["optimizer_step"] for r in read_jsonl(out / "steps.jsonl")] == list(range(1, steps + 1))
+        assert [r["optimizer_step"] for r in read_jsonl(out / "eval.jsonl")] == evals
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, tmp_path / "x", "--max_train_examples", "20",
+                               "--max_train_steps", "2")) == 2
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, tmp_path / "y", "--eval_steps", "2.5")) == 2

@@ -228,3 +228,35 @@ def test_a_finished_folder_from_other_settings_is_not_counted_as_done(tmp_path, 
         from bert_accum.grid import run_grid
 
         run_grid(expand(GridSpec.load(grid)), say=lambda *_: None)
+
+
+def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
+    """A floor arm runs only the (E, 1) reference of some seeds, with its dropout seed offset from the cell's seed."""
+    from bert_accum.grid import GridSpec, expand
+
+    spec = GridSpec.from_dict({
+        "tasks": ["synthetic"], "batches": [[8, 1], [2, 4]], "seeds": [1, 2, 3], "runs_dir": str(tmp_path),
+        "seed_offsets": {"dropout_seed": 0},
+        "arms": {"default": {}, "floor": {"batches": [[8, 1]], "seeds": [1, 2], "seed_offsets": {"dropout_seed": 100}},
+                 "init": {"batches": [[8, 1]], "seeds": [3], "seed_offsets": {"seed": 50, "data_seed": 0}}},
+        "equivalence_margins": {"synthetic": {"accuracy": 0.01}},
+    })
+    cells = expand(spec)
+    names = [c.name for c in cells]
+    assert names.count("synthetic/floor/B8_N1/seed1") == 1 and not any("floor/B2_N4" in n for n in names)
+    assert len(cells) == 3 * 2 + 2 + 1
+    by_name = {c.name: c.config for c in cells}
+    assert by_name["synthetic/default/B2_N4/seed2"].dropout_seed == 2
+    floor = by_name["synthetic/floor/B8_N1/seed2"]
+    assert (floor.seed, floor.resolved_data_seed, floor.dropout_seed) == (2, 2, 102)
+    init = by_name["synthetic/init/B8_N1/seed3"]
+    assert (init.seed, init.data_seed, init.dropout_seed) == (53, 3, 3)
+    assert spec.equivalence_margins == {"synthetic": {"accuracy": 0.01}}
+
+
+@pytest.mark.parametrize("arm", [{"seeds": [9]}, {"batches": [[4, 2]]}, {"seed_offsets": {"mlm_seed": 1}}])
+def test_arm_restrictions_outside_the_grid_are_refused(arm):
+    from bert_accum.grid import GridSpec
+
+    with pytest.raises(BertAccumError):
+        GridSpec.from_dict({"tasks": ["synthetic"], "batches": [[8, 1]], "seeds": [1], "arms": {"a": arm}})
