@@ -23,8 +23,8 @@ def guarded(fn: Callable[[], object]) -> int:
 
 def finetune_main(argv: list[str] | None = None) -> int:
     """`scripts/finetune.py`: parse flags into a TrainConfig and run it."""
-    from .config import parse_args
-    from .train import run
+    from .core.config import parse_args
+    from .core.train import run
 
     return guarded(lambda: run(parse_args(argv)))
 

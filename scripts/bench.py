@@ -5,7 +5,7 @@
 Writes results/perf.md (--output): the command and git commit, examples/s and tokens/s of every contender
 (mean +- std over rounds), paired per-round ratios (bert_accum / plain, record overhead, invariant-dropout and
 window-padding overhead, bf16 speed-up), peak memory per (B, N), achieved FLOP/s against the measured matmul
-peak. The logic (and what exactly is timed) is in bert_accum.bench.
+peak. The logic (and what exactly is timed) is in bert_accum.study.bench.
 """
 
 import argparse
@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 
-from bert_accum.bench import BenchConfig, bench_main
+from bert_accum.study.bench import BenchConfig, bench_main
 from bert_accum.cli import guarded
 
 # Environment variables that change what a run does; they are part of the recorded command.

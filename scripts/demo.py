@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from bert_accum.cli import guarded
-from bert_accum.demo import run_demo
+from bert_accum.study.demo import run_demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -1,6 +1,6 @@
 """Fine-tune one (B, N) configuration: `accelerate launch scripts/finetune.py --task_name rte --glue_dir ...`.
 
-All flags: `python scripts/finetune.py --help`. The logic lives in bert_accum.train.
+All flags: `python scripts/finetune.py --help`. The logic lives in bert_accum.core.train.
 """
 
 import sys

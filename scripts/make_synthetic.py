@@ -7,7 +7,7 @@ import os
 import sys
 
 from bert_accum.errors import BertAccumError
-from bert_accum.synthetic import SYNTHETIC_DIRNAME, generate_synthetic_glue
+from bert_accum.core.synthetic import SYNTHETIC_DIRNAME, generate_synthetic_glue
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,14 +5,14 @@ training run, on a synthetic task generated in code (CPU, under a minute with th
     python scripts/norm_study.py
 
 Writes norm_study.csv, norm_study.md and norm_study.png to --output_dir (default results/batchnorm) and
-prints the Markdown. The logic lives in bert_accum.normstudy.
+prints the Markdown. The logic lives in bert_accum.study.normstudy.
 """
 
 import argparse
 import sys
 
 from bert_accum.cli import guarded
-from bert_accum.normstudy import PRECISIONS, VARIANTS, NormStudyConfig, run_norm_study
+from bert_accum.study.normstudy import PRECISIONS, VARIANTS, NormStudyConfig, run_norm_study
 
 
 def parse(argv=None) -> NormStudyConfig:

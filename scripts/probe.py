@@ -3,14 +3,14 @@
     python scripts/probe.py --task_name rte --glue_dir /path/to/glue
 
 Writes probe.csv and probe.md (and probe_steps.csv with --steps) to --output_dir (default
-results/probe/<task>) and prints the table. The logic lives in bert_accum.probe.
+results/probe/<task>) and prints the table. The logic lives in bert_accum.study.probe.
 """
 
 import argparse
 import sys
 
 from bert_accum.cli import guarded
-from bert_accum.probe import ARMS, ProbeConfig, run_probe
+from bert_accum.study.probe import ARMS, ProbeConfig, run_probe
 
 
 def parse(argv=None) -> ProbeConfig:

@@ -1,14 +1,14 @@
 """Write results/REPORT.md and results/study/ from run folders: `python scripts/report.py runs/study runs/study_bugs`.
 
 Reads the run folders written by scripts/grid.py (and the probe / BatchNorm tables); the logic lives in
-bert_accum.report.
+bert_accum.study.report.
 """
 
 import argparse
 import sys
 
 from bert_accum.cli import guarded
-from bert_accum.report import ReportInputs, build_report
+from bert_accum.study.report import ReportInputs, build_report
 
 
 def parse(argv=None) -> ReportInputs:

@@ -24,7 +24,7 @@ def _one_thread():
 
 
 def _vocab() -> list[str]:
-    from bert_accum import synthetic
+    from bert_accum.core import synthetic
 
     words = set()
     for name in dir(synthetic):
@@ -66,6 +66,6 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def synthetic_glue_dir(tmp_path_factory) -> str:
     """A GLUE-layout folder holding the synthetic task (60 train / 24 dev examples)."""
-    from bert_accum.synthetic import generate_synthetic_glue
+    from bert_accum.core.synthetic import generate_synthetic_glue
 
     return generate_synthetic_glue(str(tmp_path_factory.mktemp("glue")), n_train=60, n_dev=24, seed=0)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bert_accum.config import TrainConfig
-from bert_accum.train import micro_loss_scale, run
-from bert_accum.windows import WindowPlan, window_examples
+from bert_accum.core.config import TrainConfig
+from bert_accum.controls.loss import micro_loss_scale
+from bert_accum.core.train import run
+from bert_accum.core.windows import WindowPlan, window_examples
 
 from conftest import build_tiny_model
 

@@ -1,4 +1,4 @@
-"""The throughput benchmark (bert_accum.bench, scripts/bench.py) on a tiny BERT and the synthetic task.
+"""The throughput benchmark (bert_accum.study.bench, scripts/bench.py) on a tiny BERT and the synthetic task.
 
 One benchmark run (2 rounds x 2 optimizer steps, B=2, N=2) is shared by the tests below; they check
 the report's header and rows, and that the contenders really did comparable work in every round.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from bert_accum.bench import BenchConfig, fit_flop_model, count_training_flops, render_markdown, run_bench
+from bert_accum.study.bench import BenchConfig, fit_flop_model, count_training_flops, render_markdown, run_bench
 from bert_accum.errors import BertAccumError
-from bert_accum.records import git_commit
+from bert_accum.core.records import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 B, N, S, ROUNDS, LOW = 2, 2, 2, 2, 1  # LOW: rounds of the bf16 contenders

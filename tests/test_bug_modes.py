@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bert_accum.config import TrainConfig
-from bert_accum.records import read_jsonl
-from bert_accum.train import micro_loss_scale, run
-from bert_accum.windows import WindowPlan, window_examples
+from bert_accum.core.config import TrainConfig
+from bert_accum.core.records import read_jsonl
+from bert_accum.controls.loss import micro_loss_scale
+from bert_accum.core.train import run
+from bert_accum.core.windows import WindowPlan, window_examples
 
 
 def _run(tmp_path, model_dir, glue_dir, name, b, n, **kw):

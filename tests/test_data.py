@@ -1,4 +1,4 @@
-"""Tests for bert_accum.data: GLUE folder layouts, user files, the (faked) Hub route and errors.
+"""Tests for bert_accum.core.data: GLUE folder layouts, user files, the (faked) Hub route and errors.
 
 Every fixture file is written here, in tmp_path, in the official layout of its task; nothing is
 read from the shared GLUE copy and nothing touches the network.
@@ -14,9 +14,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from bert_accum.data import glue_folder_name, load_raw_splits, write_glue_tsv
+from bert_accum.core.data import glue_folder_name, load_raw_splits, write_glue_tsv
 from bert_accum.errors import BertAccumError
-from bert_accum.tasks import TASKS, get_task
+from bert_accum.core.tasks import TASKS, get_task
 
 # Text opening with a double quote, as in the real MRPC/RTE files: with CSV quoting on, a reader
 # takes it for a quoted field, drops the quotes and (when unbalanced) swallows the following tabs
@@ -226,7 +226,7 @@ def test_glue_layout_per_task(task_name, glue_dir, cache_dir):
 
 
 def test_qqp_malformed_rows_skipped_with_warning(glue_dir, cache_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="bert_accum.data"):
+    with caplog.at_level(logging.WARNING, logger="bert_accum.core.data"):
         dd = load_raw_splits(get_task("qqp"), glue_dir=str(glue_dir), cache_dir=cache_dir)
     assert dd["train"].num_rows == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

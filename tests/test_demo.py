@@ -1,7 +1,7 @@
 """The offline demo study on a tiny model: every configuration runs and the report has their numbers."""
 
-from bert_accum.demo import run_demo
-from bert_accum.records import read_jsonl
+from bert_accum.study.demo import run_demo
+from bert_accum.core.records import read_jsonl
 
 
 def test_demo_report(tmp_path, tiny_model_dir):

@@ -2,7 +2,7 @@
 
 `accelerate launch --cpu --num_processes 2` starts only ONE process on the CPU, so the W=2 runs are
 launched with `torchrun --nproc_per_node 2` and ACCELERATE_USE_CPU=1 (two gloo ranks). The worker,
-`python -m bert_accum.distcheck`, trains each configuration with `train.run` and records what every
+`python -m bert_accum.study.distcheck`, trains each configuration with `train.run` and records what every
 rank saw. The W=1 runs go through the same worker in a plain subprocess (started alongside torchrun), so
 the comparison never depends on the accelerate state that other tests left inside the pytest process.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_accum.config import TrainConfig
-from bert_accum.distcheck import relative_l2
-from bert_accum.synthetic import generate_synthetic_glue
+from bert_accum.core.config import TrainConfig
+from bert_accum.study.distcheck import relative_l2
+from bert_accum.core.synthetic import generate_synthetic_glue
 
 from conftest import build_tiny_model
 
@@ -78,7 +78,7 @@ def launched(tmp_path_factory):
     (root / "spec1.json").write_text(json.dumps(spec1))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port())]
-    worker = ["-m", "bert_accum.distcheck", "--spec"]
+    worker = ["-m", "bert_accum.study.distcheck", "--spec"]
     procs = {
         "W2": subprocess.Popen([*torchrun, *worker, str(root / "spec2.json"), "--record_dir", str(root / "rec2")],
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
@@ -174,7 +174,7 @@ def test_two_process_run_folder_is_written_once(launched):
 def test_processes_that_found_no_process_group_are_refused(tmp_path, monkeypatch, tiny_model_dir, synthetic_glue_dir):
     """torchrun on a CPU-only machine without cpu=True: accelerate sees W=1 in each process; the run must stop."""
     from bert_accum.errors import BertAccumError
-    from bert_accum.train import run
+    from bert_accum.core.train import run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Tests for bert_accum.dropout: standard / off / batch-invariant dropout on BERT (CPU, tiny models, seconds)."""
+"""Tests for bert_accum.controls.dropout: standard / off / batch-invariant dropout on BERT (CPU, tiny models, seconds)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-import bert_accum.dropout as D
-from bert_accum.dropout import (
+import bert_accum.controls.dropout as D
+from bert_accum.controls.dropout import (
     ATTENTION_NAME,
     DropoutController,
     InvariantDropout,

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bert_accum.cli import finetune_main
-from bert_accum.config import TrainConfig
-from bert_accum.data import write_glue_tsv
-from bert_accum.records import read_jsonl
-from bert_accum.train import run
+from bert_accum.core.config import TrainConfig
+from bert_accum.core.data import write_glue_tsv
+from bert_accum.core.records import read_jsonl
+from bert_accum.core.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"seconds"}

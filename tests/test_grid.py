@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from bert_accum.config import TrainConfig, parse_args
+from bert_accum.core.config import TrainConfig, parse_args
 from bert_accum.errors import BertAccumError
-from bert_accum.fingerprint import Fingerprinter, fingerprint, load_fingerprints
-from bert_accum.grid import GridSpec, cell_status, check_config_matches, describe, expand, grid_main
-from bert_accum.records import read_jsonl
+from bert_accum.core.fingerprint import Fingerprinter, fingerprint, load_fingerprints
+from bert_accum.study.grid import GridSpec, cell_status, check_config_matches, describe, expand, grid_main
+from bert_accum.core.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_killed_grid_resumes_with_exactly_one_row_set_per_cell(tmp_path, tiny_mo
     # Same cell run without interruption: identical per-step losses (the checkpoint restored RNG, data position).
     fresh = victim.config
     fresh_dir = tmp_path / "fresh"
-    from bert_accum.train import run
+    from bert_accum.core.train import run
 
     run(TrainConfig.from_dict({**fresh.to_dict(), "output_dir": str(fresh_dir), "checkpointing_steps": None}))
     resumed = read_jsonl(victim.run_dir / "steps.jsonl")
@@ -225,14 +225,14 @@ def test_a_finished_folder_from_other_settings_is_not_counted_as_done(tmp_path, 
     grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
     assert grid_main([str(grid), "--set", "max_train_steps=1"]) == 0  # a smoke test into the same runs_dir
     with pytest.raises(BertAccumError, match="different settings.*max_train_steps"):
-        from bert_accum.grid import run_grid
+        from bert_accum.study.grid import run_grid
 
         run_grid(expand(GridSpec.load(grid)), say=lambda *_: None)
 
 
 def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
     """A floor arm runs only the (E, 1) reference of some seeds, with its dropout seed offset from the cell's seed."""
-    from bert_accum.grid import GridSpec, expand
+    from bert_accum.study.grid import GridSpec, expand
 
     spec = GridSpec.from_dict({
         "tasks": ["synthetic"], "batches": [[8, 1], [2, 4]], "seeds": [1, 2, 3], "runs_dir": str(tmp_path),
@@ -256,7 +256,7 @@ def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
 
 @pytest.mark.parametrize("arm", [{"seeds": [9]}, {"batches": [[4, 2]]}, {"seed_offsets": {"mlm_seed": 1}}])
 def test_arm_restrictions_outside_the_grid_are_refused(arm):
-    from bert_accum.grid import GridSpec
+    from bert_accum.study.grid import GridSpec
 
     with pytest.raises(BertAccumError):
         GridSpec.from_dict({"tasks": ["synthetic"], "batches": [[8, 1]], "seeds": [1], "arms": {"a": arm}})

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from bert_accum.errors import BertAccumError
-from bert_accum.metrics import GLUE_METRIC_PATH, compute_metrics, load_metric
-from bert_accum.tasks import TASKS, get_task
+from bert_accum.core.metrics import GLUE_METRIC_PATH, compute_metrics, load_metric
+from bert_accum.core.tasks import TASKS, get_task
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,8 +156,8 @@ def test_fresh_process_offline_from_another_directory(tmp_path):
         def no_network(*a, **k):
             raise OSError("network access attempted")
         socket.socket.connect = no_network
-        from bert_accum.metrics import compute_metrics
-        from bert_accum.tasks import TASKS
+        from bert_accum.core.metrics import compute_metrics
+        from bert_accum.core.tasks import TASKS
         print(json.dumps({
             "cola": compute_metrics(TASKS["cola"], [1, 1, 0, 0, 1], [1, 1, 0, 0, 0]),
             "stsb": compute_metrics(TASKS["stsb"], [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]),

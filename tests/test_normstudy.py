@@ -1,4 +1,4 @@
-"""The BatchNorm study (bert_accum.normstudy, scripts/norm_study.py): BatchNorm is the only variant whose
+"""The BatchNorm study (bert_accum.study.normstudy, scripts/norm_study.py): BatchNorm is the only variant whose
 accumulated gradient and running statistics depend on how a window is split into micro-batches."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bert_accum.cli import guarded
-from bert_accum.normstudy import (COLUMNS, VARIANTS, NormStudyConfig, build_model, make_data, run_norm_study,
+from bert_accum.study.normstudy import (COLUMNS, VARIANTS, NormStudyConfig, build_model, make_data, run_norm_study,
                                   running_stats, study_rows)
 
 REPO = Path(__file__).resolve().parents[1]

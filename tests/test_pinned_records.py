@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bert_accum.config import TrainConfig
-from bert_accum.records import read_jsonl
-from bert_accum.train import run
+from bert_accum.core.config import TrainConfig
+from bert_accum.core.records import read_jsonl
+from bert_accum.core.train import run
 
 PINNED = Path(__file__).parent / "data" / "pinned_records.json"
 FIELDS = ("loss", "grad_norm", "grad_norm_groups", "learning_rate", "items", "examples", "micro_steps",
@@ -68,7 +68,7 @@ if __name__ == "__main__" and "--regenerate" in sys.argv:
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import build_tiny_model
 
-    from bert_accum.synthetic import generate_synthetic_glue
+    from bert_accum.core.synthetic import generate_synthetic_glue
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""The gradient probe (bert_accum.probe, scripts/probe.py) on a tiny BERT with dropout 0.1 and the synthetic task."""
+"""The gradient probe (bert_accum.study.probe, scripts/probe.py) on a tiny BERT with dropout 0.1 and the synthetic task."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bert_accum.cli import guarded
-from bert_accum.probe import ARMS, COLUMNS, STEP_COLUMNS, ProbeConfig, run_probe
+from bert_accum.study.probe import ARMS, COLUMNS, STEP_COLUMNS, ProbeConfig, run_probe
 
 from conftest import build_tiny_model
 
@@ -83,11 +83,11 @@ def _masked_counts(model_dir, glue_dir, b, n):
     """Predicted tokens per micro-batch of the probed window (the probe's own data pieces, seed 3)."""
     from datasets import DatasetDict
 
-    from bert_accum.data import load_raw_splits
-    from bert_accum.features import Collator, InMemorySplit, tokenize_splits
-    from bert_accum.modeling import load_tokenizer_and_model
-    from bert_accum.tasks import get_task
-    from bert_accum.windows import WindowPlan, window_examples
+    from bert_accum.core.data import load_raw_splits
+    from bert_accum.core.features import Collator, InMemorySplit, tokenize_splits
+    from bert_accum.core.modeling import load_tokenizer_and_model
+    from bert_accum.core.tasks import get_task
+    from bert_accum.core.windows import WindowPlan, window_examples
 
     task = get_task("synthetic")
     tokenizer, _ = load_tokenizer_and_model(model_dir, task, "mlm")
@@ -175,7 +175,7 @@ def test_every_arm_is_defined_once():
 
 
 def test_default_arms_leave_out_bf16_only_where_it_would_be_emulated(monkeypatch):
-    from bert_accum import probe
+    from bert_accum.study import probe
 
     monkeypatch.setattr(probe, "cpu_has_bf16_matmul", lambda: False)
     assert probe.default_arms() == [a for a in probe.ARMS if a != "controlled_bf16"]

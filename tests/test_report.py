@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bert_accum.report import ReportInputs, build_report, distance_curves, load_runs, param_distance, summarise
+from bert_accum.study.report import ReportInputs, build_report, distance_curves, load_runs, param_distance, summarise
 
 # final accuracy per (arm, B, N, seed)
 METRICS = {

@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from bert_accum.config import TrainConfig
-from bert_accum.records import read_jsonl
-from bert_accum.train import run
+from bert_accum.core.config import TrainConfig
+from bert_accum.core.records import read_jsonl
+from bert_accum.core.train import run
 
 
 def _run(tmp_path, name, model_dir, glue_dir, **overrides):

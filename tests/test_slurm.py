@@ -219,7 +219,7 @@ def _slurm_answers() -> bool:
 
 @pytest.mark.skipif(not _slurm_answers(), reason="no SLURM controller answers `scontrol ping`")
 def test_real_job_array_runs_every_cell(tmp_path):
-    from bert_accum.synthetic import generate_synthetic_glue
+    from bert_accum.core.synthetic import generate_synthetic_glue
     from conftest import build_tiny_model
 
     spec = {

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from bert_accum.errors import BertAccumError
-from bert_accum.synthetic import (
+from bert_accum.core.synthetic import (
     MAX_WORDS,
     MIN_WORDS,
     NEGATIONS,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import random
 
-from .errors import BertAccumError
+from ..errors import BertAccumError
 
 SYNTHETIC_DIRNAME = "Synthetic"
 MIN_WORDS = 5

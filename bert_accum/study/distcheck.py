@@ -3,10 +3,10 @@
 Run it under a launcher that starts several processes, for example two gloo ranks on the CPU::
 
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 --master_port 29511 \\
-        -m bert_accum.distcheck --spec spec.json --record_dir records
+        -m bert_accum.study.distcheck --spec spec.json --record_dir records
 
-``spec.json`` maps a name to a :class:`~bert_accum.config.TrainConfig` dict (each with its own
-``output_dir``). Every process trains each configuration with :func:`bert_accum.train.run`, in the
+``spec.json`` maps a name to a :class:`~bert_accum.core.config.TrainConfig` dict (each with its own
+``output_dir``). Every process trains each configuration with :func:`bert_accum.core.train.run`, in the
 order given, and then:
 
 * the main process saves the accumulated gradient of optimizer step 1 (after DDP's all-reduce, as
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .errors import BertAccumError
+from ..core.config import TrainConfig
+from ..errors import BertAccumError
 
 
 def first_step_gradient(cfg: TrainConfig, accelerator=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -40,7 +40,7 @@ def first_step_gradient(cfg: TrainConfig, accelerator=None) -> tuple[dict[str, t
     The gradient is taken where `run` hands it to the optimizer: accumulated over the window,
     synchronised over processes and clipped. Copies live on the CPU.
     """
-    from .train import run
+    from ..core.train import run
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -106,8 +106,8 @@ def check_all(spec: dict[str, dict[str, Any]], record_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bert_accum.distcheck --spec SPEC.json --record_dir DIR` (under torchrun or accelerate launch)."""
-    from .cli import guarded
+    """`python -m bert_accum.study.distcheck --spec SPEC.json --record_dir DIR` (under torchrun or accelerate launch)."""
+    from ..cli import guarded
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="JSON file: {name: TrainConfig dict, ...}")

@@ -1,6 +1,6 @@
 """Raw data loading: GLUE folders, user csv/tsv/json files, or the Hugging Face Hub.
 
-Every source ends in the same normalised shape (see ``bert_accum.tasks``): a ``DatasetDict`` with
+Every source ends in the same normalised shape (see ``bert_accum.core.tasks``): a ``DatasetDict`` with
 ``train`` plus the task's evaluation splits, each with exactly the columns ``sentence1``
 (``sentence2`` for pair tasks), ``label`` (int64 class index in ``task.label_names`` order, or
 float32 for regression) and ``idx`` (int64, the row's 0-based position in its split).
@@ -31,7 +31,7 @@ from typing import Any
 
 import datasets
 
-from .errors import BertAccumError
+from ..errors import BertAccumError
 from .tasks import TaskSpec
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ starts from the same Linear weights. There is no dropout, so the only batch depe
 For every variant, precision (fp64, fp32), seed and micro batch size B (N = E / B):
 
 * the accumulated gradient of one window (the first window of epoch 0 of
-  :class:`~bert_accum.windows.WindowPlan`, whose order does not depend on B) with exact accumulation:
-  each micro-batch's summed cross-entropy times :func:`~bert_accum.train.micro_loss_scale`, i.e. its
+  :class:`~bert_accum.core.windows.WindowPlan`, whose order does not depend on B) with exact accumulation:
+  each micro-batch's summed cross-entropy times :func:`~bert_accum.core.train.micro_loss_scale`, i.e. its
   mean loss times B / E, so the N parts add up to the window mean; compared with the (E, 1) gradient by
   ``grad_rel_l2`` = ||g - g_ref|| / ||g_ref|| and ``grad_cosine`` (in float64);
 * BatchNorm's running statistics after that window, ``running_mean_rel`` and ``running_var_rel`` (the
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BertAccumError
-from .train import micro_loss_scale
-from .windows import WindowPlan
+from ..errors import BertAccumError
+from ..controls.loss import micro_loss_scale
+from ..core.windows import WindowPlan
 
 __all__ = [
     "VARIANTS",
@@ -558,7 +558,7 @@ def write_outputs(rows: list[dict[str, Any]], cfg: NormStudyConfig, seconds: flo
 
     Returns (files, summary, markdown).
     """
-    from .records import git_commit
+    from ..core.records import git_commit
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import TrainConfig
-from .records import git_commit, read_jsonl
+from ..core.config import TrainConfig
+from ..core.records import git_commit, read_jsonl
 
 DEFAULT_GRID = ((16, 1), (8, 2), (4, 4))
 
@@ -23,9 +23,9 @@ def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, 
              epochs: int = 1, seed: int = 0, max_length: int = 48, overwrite: bool = False,
              model_name_or_path: str = "embedded", learning_rate: float = 5e-5) -> Path:
     """Run the grid and write `<output_dir>/report.md`; returns the report's path."""
-    from .errors import BertAccumError
-    from .synthetic import generate_synthetic_glue
-    from .train import run
+    from ..errors import BertAccumError
+    from ..core.synthetic import generate_synthetic_glue
+    from ..core.train import run
 
     out = Path(output_dir)
     sizes = {b * n for b, n in grid}

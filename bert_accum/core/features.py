@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import BertAccumError
+from ..errors import BertAccumError
 
 FEATURE_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
 

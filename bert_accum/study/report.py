@@ -35,8 +35,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import BertAccumError
-from .records import git_commit, read_jsonl
+from ..errors import BertAccumError
+from ..core.records import git_commit, read_jsonl
 
 _CELL = re.compile(r"B(\d+)_N(\d+)$")
 
@@ -87,7 +87,7 @@ class Run:
     def fingerprints(self) -> dict[int, np.ndarray]:
         """Parameter fingerprints by optimizer step (loaded on first use)."""
         if self._fingerprints is None:
-            from .fingerprint import load_fingerprints
+            from ..core.fingerprint import load_fingerprints
 
             self._fingerprints = load_fingerprints(self.path) if (self.path / "fingerprints").is_dir() else {}
         return self._fingerprints
@@ -580,7 +580,7 @@ def render_report(runs, summaries, curves, probes, figures, out: Path, md_head: 
         f"mean(−2x²w) = −(32 + 8)/2 = {toy['batch_grad']:g}. Accumulated over two micro-batches of one example, each loss "
         f"scaled by 1/N = 1/2: the first backward leaves {toy['accumulated'][0]:g} in `.grad`, the second adds −4, giving "
         f"{toy['accumulated'][1]:g}. SGD with lr 0.01 moves w from 1 to {toy['w_accumulated']:.4g} accumulated and to "
-        f"{toy['w_batch']:.4g} as one batch (computed by `bert_accum.report.toy_example`, the same numbers as "
+        f"{toy['w_batch']:.4g} as one batch (computed by `bert_accum.study.report.toy_example`, the same numbers as "
         "`tests/test_accumulation.py`). It is exact because the gradient is linear in the "
         "loss and the loss is a sum over examples that never interact: splitting the sum and scaling each part by its "
         "share of the examples changes only the order of additions. BERT fine-tuning breaks each of those premises "
@@ -657,7 +657,7 @@ def toy_example() -> dict[str, Any]:
     """The seed's toy example, computed with the training loop's own loss scaling (`micro_loss_scale`)."""
     import torch
 
-    from .train import micro_loss_scale
+    from ..controls.loss import micro_loss_scale
 
     w = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
     accumulated = []

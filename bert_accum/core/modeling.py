@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .config import EMBEDDED_MODEL
-from .errors import BertAccumError
+from ..errors import BertAccumError
 from .tasks import TaskSpec
 
 

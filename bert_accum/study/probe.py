@@ -2,14 +2,14 @@
 
 For one task and one effective batch E, every configuration (B, N) starts from identical weights (the
 model is loaded once with a fixed seed; each computation restores that state) and sees the same E
-examples: the first window of epoch 0 of :class:`~bert_accum.windows.WindowPlan`, whose order does not
+examples: the first window of epoch 0 of :class:`~bert_accum.core.windows.WindowPlan`, whose order does not
 depend on B or N. For each *arm* (a setting of the switches: dropout, padding, loss normalisation,
 precision) the probe accumulates the window's gradient for every (B, N) with the training loop's own
-code (:func:`~bert_accum.train.accumulate_window`) and compares it with the (E, 1) gradient of the
+code (:func:`~bert_accum.core.train.accumulate_window`) and compares it with the (E, 1) gradient of the
 same arm:
 
 * ``rel_l2`` = ||g - g_ref|| / ||g_ref||, ``cosine``, and the largest per-group relative difference
-  (groups from :func:`~bert_accum.modeling.parameter_group`: embeddings, layer_i, head);
+  (groups from :func:`~bert_accum.core.modeling.parameter_group`: embeddings, layer_i, head);
 * ``seed_floor_rel_l2``: the same comparison between two dropout seeds of the (E, 1) run of that arm
   (standard dropout: torch is reseeded with ``seed`` / ``seed + 1`` before the micro-steps; invariant
   dropout: the DropoutController seed is ``seed`` / ``seed + 1``), and ``ratio_to_floor`` =
@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from .config import EMBEDDED_MODEL
-from .errors import BertAccumError
+from ..core.config import EMBEDDED_MODEL
+from ..errors import BertAccumError
 
 __all__ = [
     "ARMS",
@@ -173,7 +173,7 @@ class ProbeConfig:
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
-        from .tasks import get_task
+        from ..core.tasks import get_task
 
         name = get_task(self.task_name).name
         return Path("results") / "probe" / (name if self.objective == "classification" else f"{name}-{self.objective}")
@@ -256,11 +256,11 @@ class _Prober:
     def __init__(self, cfg: ProbeConfig, say):
         from accelerate.utils import set_seed
 
-        from .data import load_raw_splits
-        from .features import Collator, InMemorySplit, tokenize_splits
-        from .modeling import load_tokenizer_and_model, parameter_group, resolve_model_path
-        from .tasks import get_task
-        from .windows import WindowPlan
+        from ..core.data import load_raw_splits
+        from ..core.features import Collator, InMemorySplit, tokenize_splits
+        from ..core.modeling import load_tokenizer_and_model, parameter_group, resolve_model_path
+        from ..core.tasks import get_task
+        from ..core.windows import WindowPlan
 
         self.cfg = cfg
         self.say = say
@@ -320,7 +320,7 @@ class _Prober:
     # -- models ---------------------------------------------------------------------------------
     def _model(self, comp: _Comp):
         """The model (and its dropout controller) for a computation, at the initial weights, without gradients."""
-        from .dropout import DropoutController
+        from ..controls.dropout import DropoutController
 
         dtype = "fp64" if comp.precision == "fp64" else "fp32"
         key = (comp.dropout, comp.dropout_seed if comp.dropout == "invariant" else None, dtype)
@@ -339,15 +339,15 @@ class _Prober:
         return model, ctl, key
 
     def _micro_batches(self, comp: _Comp, epoch: int, window) -> list[dict[str, torch.Tensor]]:
-        from .windows import window_examples
+        from ..core.windows import window_examples
 
         padding = "window" if comp.padding == "single" else comp.padding
         everyone = window_examples(window)
         return [self.collators[padding](micro[0], everyone, epoch) for micro in window]
 
     def _accumulate(self, model, ctl, comp: _Comp, epoch: int, window) -> None:
-        from .train import accumulate_window, count_items
-        from .windows import window_examples
+        from ..core.train import accumulate_window, count_items
+        from ..core.windows import window_examples
 
         micro_batches = self._micro_batches(comp, epoch, window)
         items = count_items(micro_batches, self.kind)
@@ -403,7 +403,7 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU has bf16 matrix instructions (x86 avx512_bf16 or AMX); False where it cannot be told."""
-    from .records import cpu_info
+    from ..core.records import cpu_info
 
     flags = cpu_info()["flags"]
     return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
@@ -416,7 +416,7 @@ def default_arms() -> list[str]:
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Run the probe, write probe.csv / probe.md (and probe_steps.csv), print the table; returns the rows."""
-    from .records import git_commit
+    from ..core.records import git_commit
 
     started = time.perf_counter()
     cfg.validate()

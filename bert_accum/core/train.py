@@ -26,65 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..controls.bugs import BugModes
+from ..controls.loss import micro_loss_scale, per_item_loss
+from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, total_steps
-from .errors import BertAccumError, NonFiniteLossError
+from ..errors import BertAccumError, NonFiniteLossError
 from .records import JsonlWriter, create_output_dir, environment, prepare_output_dir, write_json
 from .tasks import get_task
 from .windows import WindowPlan, window_examples
-
-
-class TrainingProgress:
-    """Position in training, saved in every checkpoint so a resumed run continues at the next window."""
-
-    def __init__(self) -> None:
-        self.optimizer_step = 0
-        self.examples_seen = 0
-        self.real_tokens_seen = 0
-        self.train_seconds = 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain state for accelerate's checkpointing."""
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from a checkpoint."""
-        vars(self).update(state)
-
-
-def micro_loss_scale(*, normalization: str, micro_items: int, micro_examples: int, window_items: int,
-                     window_examples: int, accumulation_steps: int, num_processes: int, one_over_n: bool) -> float:
-    """Factor that turns a micro-batch's summed per-item loss into its share of the window loss.
-
-    global:        sum / window_items                           (mean over all items of the window)
-    mean_of_means: (sum / micro_items) * micro_examples / window_examples
-                   (the micro-batch mean weighted by its share of examples: 1/N for full windows,
-                   the real share for a short last window)
-    one_over_n:    (sum / micro_items) / N whatever the window holds (the known bug)
-    Every factor is multiplied by W to undo DDP's averaging over processes.
-    """
-    if normalization == "global":
-        scale = 1.0 / window_items
-    elif one_over_n:
-        scale = 1.0 / (micro_items * accumulation_steps)
-    else:
-        scale = micro_examples / (micro_items * window_examples)
-    return scale * num_processes
-
-
-def per_item_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """(sum of per-item losses, item count) of a micro-batch, computed in `dtype` (fp32 or fp64).
-
-    Items are examples for classification/regression and predicted tokens for MLM.
-    """
-    logits = logits.to(dtype)
-    if kind == "regression":
-        losses = (logits.squeeze(-1) - labels.to(dtype)) ** 2
-        return losses.sum(), labels.numel()
-    if kind == "mlm":
-        flat_labels = labels.reshape(-1)
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, reduction="sum", ignore_index=-100)
-        return losses, int((flat_labels != -100).sum())
-    return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
 
 
 def _grad_norms(model: torch.nn.Module, groups: dict[str, str]) -> tuple[float, dict[str, float]]:
@@ -117,41 +66,6 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int) -> None:
-    """accelerate `save_state` into a scratch folder renamed into place, so a kill mid-save never leaves a
-    half-written `step_*` checkpoint for `--resume_from_checkpoint latest` to pick."""
-    import os
-    import shutil
-
-    final = folder / f"step_{step:07d}"
-    scratch = folder / f"partial_step_{step:07d}"
-    if accelerator.is_main_process and scratch.exists():
-        shutil.rmtree(scratch)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(scratch))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
-    accelerator.wait_for_everyone()
-
-
-def _prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (each one holds weights plus AdamW state: 3x the model)."""
-    import shutil
-
-    for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _latest_checkpoint(output_dir: Path) -> Path:
-    ckpts = sorted((output_dir / "checkpoints").glob("step_*"))
-    if not ckpts:
-        raise BertAccumError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}")
-    return ckpts[-1]
-
-
 def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the final metrics written to final_metrics.json.
 
@@ -163,13 +77,14 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     from transformers import get_scheduler
 
     from .data import load_raw_splits
-    from .dropout import DropoutController
+    from ..controls.dropout import DropoutController
     from .features import Collator, InMemorySplit, tokenize_splits
     from .fingerprint import Fingerprinter
     from .modeling import load_tokenizer_and_model, parameter_group, resolve_model_path
 
     cfg.validate()
     task = get_task(cfg.task_name)
+    bugs = BugModes.parse(cfg.bug_modes)
     if cfg.output_dir is None:
         raise BertAccumError("--output_dir is required")
     if cfg.precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
@@ -225,7 +140,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
 
     plan = WindowPlan(
         num_examples=len(train), micro_batch_size=B, accumulation_steps=N, num_processes=W, seed=cfg.resolved_data_seed,
-        drop_last_window=cfg.drop_last_window, step_mod_boundaries="step_mod_boundaries" in cfg.bug_modes,
+        drop_last_window=cfg.drop_last_window, step_mod_boundaries=bugs.step_mod_boundaries,
     )
     steps_per_epoch = plan.num_windows_per_epoch()
     max_steps, epochs = total_steps(steps_per_epoch, cfg.num_train_epochs, cfg.max_train_steps,
@@ -235,7 +150,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         warmup = cfg.num_warmup_steps
     else:
         warmup = math.ceil(cfg.warmup_ratio * max_steps)
-    sched_scale = N if "scheduler_in_micro_steps" in cfg.bug_modes else 1
+    sched_scale = bugs.schedule_scale(N)
     E = plan.effective_batch_size
     last = len(train) % E
     say(
@@ -269,7 +184,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
 
     resume_path = None
     if resuming:
-        resume_path = _latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
+        resume_path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
         if not resume_path.is_dir():
             raise BertAccumError(f"checkpoint folder not found: {resume_path}")
 
@@ -348,9 +263,9 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
                 if fingerprinter is not None and step in cfg.fingerprint_steps and main:
                     fingerprinter.record(out, step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    _save_checkpoint(accelerator, out / "checkpoints", step)
+                    save_checkpoint(accelerator, out / "checkpoints", step)
                     if main and cfg.checkpoints_total_limit:
-                        _prune_checkpoints(out, cfg.checkpoints_total_limit)
+                        prune_checkpoints(out, cfg.checkpoints_total_limit)
     except NonFiniteLossError as exc:
         status = "non_finite_loss"
         if main:
@@ -479,9 +394,10 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     if window_items == 0:
         raise BertAccumError(f"accumulation window at optimizer step {progress.optimizer_step + 1} has no items to predict")
     n_micro = len(window)
-    one_over_n = bool({"last_window_1_over_n", "step_mod_boundaries"} & set(cfg.bug_modes))
+    bugs = BugModes.parse(cfg.bug_modes)
+    one_over_n = bugs.one_over_n
     after_backward = None
-    if "clip_per_micro_batch" in cfg.bug_modes and cfg.max_grad_norm and cfg.max_grad_norm > 0:
+    if bugs.clip_per_micro_batch and cfg.max_grad_norm and cfg.max_grad_norm > 0:
         def after_backward():
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     acc = accumulate_window(
@@ -507,7 +423,7 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     # `groups` is keyed by the bare model's parameter names; under DDP `model` is the wrapper ("module." prefix).
     grad_norm, per_group = _grad_norms(accelerator.unwrap_model(model), groups)
     clipped = False
-    if cfg.max_grad_norm and cfg.max_grad_norm > 0 and "clip_per_micro_batch" not in cfg.bug_modes:
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0 and not bugs.clip_per_micro_batch:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         clipped = grad_norm > cfg.max_grad_norm
     lr = scheduler.get_last_lr()[0]

@@ -1,6 +1,6 @@
 """What each task is: text columns, label set, metrics, evaluation splits.
 
-The nine GLUE tasks plus ``synthetic``, this project's own offline task (see ``bert_accum.synthetic``).
+The nine GLUE tasks plus ``synthetic``, this project's own offline task (see ``bert_accum.core.synthetic``).
 Column names are normalised for every data source: ``sentence1`` (and ``sentence2`` for pair tasks),
 ``label`` (class index, or float for regression) and ``idx`` (the row's position in its split; the
 stable example identity used for data order, dropout masks and MLM masking).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import BertAccumError
+from ..errors import BertAccumError
 
 
 @dataclass(frozen=True)

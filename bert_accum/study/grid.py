@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .errors import BertAccumError
+from ..core.config import TrainConfig
+from ..errors import BertAccumError
 
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
@@ -353,7 +353,7 @@ def grid_main(argv: list[str] | None = None) -> int:
     """`scripts/grid.py`: expand a grid file and run, list, count or dry-run its cells."""
     import argparse
 
-    from .cli import guarded
+    from ..cli import guarded
 
     p = argparse.ArgumentParser(description="Run a YAML grid of fine-tuning cells (see configs/).")
     p.add_argument("grid", help="YAML grid file")

@@ -8,7 +8,7 @@ Contenders (same model, data, B, N, precision and device):
   one: tokenised ``datasets`` dataset, ``DataCollatorWithPadding``, shuffled ``DataLoader``, AdamW,
   linear schedule, ``accelerator.accumulate`` + ``accelerator.backward``, clip, step, zero_grad; no
   records. See :func:`train_plain`.
-* ``bert_accum``: ``bert_accum.train.run`` itself, unmodified, with its per-step records on
+* ``bert_accum``: ``bert_accum.core.train.run`` itself, unmodified, with its per-step records on
   (``steps.jsonl`` flushed every optimizer step, per-group gradient norms). Variants with
   ``--dropout invariant``, ``--padding window`` and each precision.
 * ``bert_accum_light``: the same exact-accumulation windows (``WindowPlan``, ``Collator``,
@@ -70,8 +70,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import BertAccumError
-from .records import cpu_info
+from ..errors import BertAccumError
+from ..core.records import cpu_info
 
 LOOPS = ("plain", "bert_accum", "bert_accum_light")
 MEMORY_LOOPS = ("bert_accum", "plain")
@@ -185,7 +185,7 @@ class Contender:
             return "HF-example-style loop: DataCollatorWithPadding, shuffled DataLoader, accelerator.accumulate; no records"
         if self.loop == "bert_accum_light":
             return "bert_accum's exact windows (WindowPlan, Collator, accumulate_window, clip, step) with no records"
-        return (f"bert_accum.train.run, per-step records on (steps.jsonl, gradient norms); "
+        return (f"bert_accum.core.train.run, per-step records on (steps.jsonl, gradient norms); "
                 f"dropout {self.dropout}, padding {self.padding}")
 
 
@@ -401,7 +401,7 @@ class _Stopped(Exception):
 
 def _plan_windows(job: Job, num_examples: int):
     """The windows of epoch 0 the job trains, exactly as `run` plans them (drop_last_window=True)."""
-    from .windows import WindowPlan
+    from ..core.windows import WindowPlan
 
     plan = WindowPlan(num_examples=num_examples, micro_batch_size=job.micro_batch_size,
                       accumulation_steps=job.accumulation_steps, num_processes=1, seed=job.seed, drop_last_window=True)
@@ -417,7 +417,7 @@ def _plan_windows(job: Job, num_examples: int):
 
 
 def _train_config(job: Job, output_dir: str):
-    from .config import TrainConfig
+    from ..core.config import TrainConfig
 
     return TrainConfig(
         task_name=job.task_name, glue_dir=job.glue_dir, train_file=job.train_file, validation_file=job.validation_file,
@@ -431,8 +431,8 @@ def _train_config(job: Job, output_dir: str):
 
 
 def train_bert_accum(job: Job, accelerator, gate: Callable[[int], None], on_model: Callable, state: dict) -> None:
-    """`bert_accum.train.run` unmodified, records on; its run folder is a temporary one (state['output_dir'])."""
-    from .train import run
+    """`bert_accum.core.train.run` unmodified, records on; its run folder is a temporary one (state['output_dir'])."""
+    from ..core.train import run
 
     out = tempfile.mkdtemp(prefix="bert_accum_bench_")
     state["output_dir"] = out
@@ -451,13 +451,13 @@ def train_light(job: Job, accelerator, gate: Callable[[int], None], on_model: Ca
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
-    from .data import load_raw_splits
-    from .dropout import DropoutController
-    from .features import Collator, InMemorySplit, tokenize_splits
-    from .modeling import load_tokenizer_and_model
-    from .tasks import get_task
-    from .train import _optimizer, accumulate_window, count_items
-    from .windows import window_examples
+    from ..core.data import load_raw_splits
+    from ..controls.dropout import DropoutController
+    from ..core.features import Collator, InMemorySplit, tokenize_splits
+    from ..core.modeling import load_tokenizer_and_model
+    from ..core.tasks import get_task
+    from ..core.train import _optimizer, accumulate_window, count_items
+    from ..core.windows import window_examples
 
     cfg = _train_config(job, output_dir="unused")
     task = get_task(job.task_name)
@@ -504,10 +504,10 @@ def train_plain(job: Job, accelerator, gate: Callable[[int], None], on_model: Ca
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding, get_scheduler
 
-    from .data import load_raw_splits
-    from .modeling import load_tokenizer_and_model
-    from .tasks import get_task
-    from .windows import window_examples
+    from ..core.data import load_raw_splits
+    from ..core.modeling import load_tokenizer_and_model
+    from ..core.tasks import get_task
+    from ..core.windows import window_examples
 
     task = get_task(job.task_name)
     set_seed(job.seed)
@@ -702,7 +702,7 @@ class _Worker:
         out = self.state.get("output_dir")
         if out is None:
             return
-        from .records import read_jsonl
+        from ..core.records import read_jsonl
 
         rows = read_jsonl(Path(out) / "steps.jsonl")
         done = sorted(r["optimizer_step"] for r in rows)
@@ -819,15 +819,16 @@ def _import_libraries(model_path: str) -> None:
     from transformers import AutoConfig, DataCollatorWithPadding, get_scheduler  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    from . import data, dropout, features, modeling, train, windows  # noqa: F401
+    from ..controls import dropout  # noqa: F401
+    from ..core import data, features, modeling, train, windows  # noqa: F401
 
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(AutoConfig.from_pretrained(model_path))]  # imports the model's module
 
 
 # Modules the memory probes' fork server imports once (names only: nothing is run).
 _PRELOAD = [
-    "bert_accum.bench", "bert_accum.train", "bert_accum.data", "bert_accum.features", "bert_accum.dropout",
-    "bert_accum.modeling", "accelerate", "accelerate.accelerator", "datasets", "torch.utils.data",
+    "bert_accum.study.bench", "bert_accum.core.train", "bert_accum.core.data", "bert_accum.core.features", "bert_accum.controls.dropout",
+    "bert_accum.core.modeling", "accelerate", "accelerate.accelerator", "datasets", "torch.utils.data",
     "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "transformers.models.bert.modeling_bert",
     "transformers.data.data_collator", "transformers.optimization",
 ]
@@ -915,7 +916,7 @@ def measure_peak_memory(jobs: list[Job], threads: int | None, windows: int, para
 def _environment(cfg: BenchConfig, device: str) -> dict[str, Any]:
     import importlib.metadata
 
-    from .records import git_commit
+    from ..core.records import git_commit
 
     versions = {}
     for pkg in ("torch", "transformers", "accelerate", "datasets"):
@@ -1035,8 +1036,8 @@ def _interleaved_rounds(cfg: BenchConfig, contenders: list[Contender], model_pat
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> BenchResult:
     """Run the interleaved rounds, the FLOP count, the matmul peak and the memory probes; write nothing."""
-    from .modeling import resolve_model_path
-    from .tasks import get_task
+    from ..core.modeling import resolve_model_path
+    from ..core.tasks import get_task
 
     cfg.validate()
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
