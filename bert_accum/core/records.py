@@ -149,3 +149,72 @@ class JsonlWriter:
     def close(self) -> None:
         """Close the file."""
         self._fh.close()
+
+
+def _flat_for_tracker(d: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+class RunRecorder:
+    """Writes one run's folder: config and environment at start, a row per optimizer step and per evaluation,
+    fingerprints, trackers, and final metrics. Only the main process writes; on other ranks every call is a no-op.
+
+    `resume_at` (the checkpoint's optimizer step) cuts `steps.jsonl`/`eval.jsonl` back to that step, so rows
+    written after the checkpoint by a killed run are neither duplicated nor lost.
+    """
+
+    def __init__(self, out: Path, accelerator, cfg, derived: dict[str, Any], resume_at: int | None = None):
+        from .fingerprint import Fingerprinter
+
+        self.out = out
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.tracking = cfg.with_tracking
+        self.fingerprinter = Fingerprinter(cfg.fingerprint_dim) if cfg.fingerprint_steps else None
+        self.steps_log = self.evals_log = None
+        if self.main:
+            write_json(out / "config.json", {**cfg.to_dict(), "derived": derived})
+            write_json(out / "environment.json", environment(str(accelerator.device), accelerator.num_processes,
+                                                             cfg.precision))
+            keep = resume_at if resume_at is not None else 0
+            self.steps_log = JsonlWriter(out / "steps.jsonl", keep_up_to_step=keep)
+            self.evals_log = JsonlWriter(out / "eval.jsonl", keep_up_to_step=keep)
+            if self.tracking:
+                accelerator.init_trackers("bert_accum", config=_flat_for_tracker({**cfg.to_dict(), **derived}))
+
+    def step(self, row: dict[str, Any]) -> None:
+        """One optimizer step's row (and its scalars to the trackers)."""
+        if not self.main:
+            return
+        self.steps_log.write(row)
+        if self.tracking:
+            self.accelerator.log({"train/loss": row["loss"], "train/grad_norm": row["grad_norm"],
+                                  "train/learning_rate": row["learning_rate"]}, step=row["optimizer_step"])
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        """One evaluation's row (and its float metrics to the trackers)."""
+        if not self.main:
+            return
+        self.evals_log.write(row)
+        if self.tracking:
+            self.accelerator.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, float)},
+                                 step=row["optimizer_step"])
+
+    def fingerprint(self, step: int, model) -> None:
+        """Store the parameter fingerprint of `model` at `step` (when fingerprints were asked for)."""
+        if self.main and self.fingerprinter is not None:
+            self.fingerprinter.record(self.out, step, model)
+
+    def finish(self, final: dict[str, Any]) -> None:
+        """Write final_metrics.json (also for a run stopped on a non-finite loss) and end the trackers."""
+        if self.main:
+            write_json(self.out / "final_metrics.json", final)
+        if self.tracking and final.get("status") == "completed":
+            self.accelerator.end_training()
+
+    def close(self) -> None:
+        """Close the JSONL files."""
+        for log in (self.steps_log, self.evals_log):
+            if log is not None:
+                log.close()

@@ -31,9 +31,9 @@ from ..controls.loss import micro_loss_scale, per_item_loss
 from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, total_steps
 from ..errors import BertAccumError, NonFiniteLossError
-from .records import JsonlWriter, create_output_dir, environment, prepare_output_dir, write_json
-from .tasks import get_task
-from .windows import WindowPlan, window_examples
+from .records import RunRecorder, create_output_dir, prepare_output_dir
+from .setup import RunSetup, setup
+from .windows import window_examples
 
 
 def _grad_norms(model: torch.nn.Module, groups: dict[str, str]) -> tuple[float, dict[str, float]]:
@@ -55,49 +55,33 @@ def _grad_norms(model: torch.nn.Module, groups: dict[str, str]) -> tuple[float, 
     return math.sqrt(sum(v * v for v in per.values())), per
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights, as in the HF examples."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grouped = [
-        {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+def make_accelerator(cfg: TrainConfig, project_dir: Path | None = None):
+    """The Accelerator a run uses when none is given: its precision and trackers from the config."""
+    from accelerate import Accelerator
+
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.precision, "no")
+    kwargs: dict[str, Any] = {"mixed_precision": mixed, "cpu": cfg.cpu}
+    if cfg.with_tracking:
+        kwargs.update(log_with=cfg.report_to, project_dir=str(project_dir))
+    return Accelerator(**kwargs)
 
 
 def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the final metrics written to final_metrics.json.
 
+    setup (model, data, plan, optimizer: `setup.setup`) -> run folder (`RunRecorder`) -> the loop (`fit`).
     `before_optimizer_step(model, optimizer_step)`, if given, is called once per window with the
     accumulated (clipped) gradient in place, before the optimizer uses it: tests and probes read it there.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    from .data import load_raw_splits
-    from ..controls.dropout import DropoutController
-    from .features import Collator, InMemorySplit, tokenize_splits
-    from .fingerprint import Fingerprinter
-    from .modeling import load_tokenizer_and_model, parameter_group, resolve_model_path
-
     cfg.validate()
-    task = get_task(cfg.task_name)
-    bugs = BugModes.parse(cfg.bug_modes)
     if cfg.output_dir is None:
         raise BertAccumError("--output_dir is required")
     if cfg.precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
         raise BertAccumError("--precision fp16 needs a CUDA GPU; use bf16 on the CPU")
     resuming = cfg.resume_from_checkpoint is not None
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, resuming)
-
     if accelerator is None:
-        mixed = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.precision, "no")
-        kwargs: dict[str, Any] = {"mixed_precision": mixed, "cpu": cfg.cpu}
-        if cfg.with_tracking:
-            kwargs.update(log_with=cfg.report_to, project_dir=str(out))
-        accelerator = Accelerator(**kwargs)
+        accelerator = make_accelerator(cfg, out)
     W = accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if W == 1 and launched > 1:
@@ -107,80 +91,15 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
             f"launched as {launched} processes (WORLD_SIZE) but accelerate sees 1; on a CPU-only machine pass "
             "--cpu or set ACCELERATE_USE_CPU=1 so the processes join one gloo group"
         )
-    N = cfg.accumulation_steps_for(W)
-    B = cfg.per_device_train_batch_size
-    main = accelerator.is_main_process
-    say = accelerator.print
+    cfg.accumulation_steps_for(W)  # a non-dividing effective batch fails here, before any loading
 
-    # --- model, data: every check that can fail happens before the run folder is written ------------
-    set_seed(cfg.seed)  # the fresh classification head is the same for every (B, N) of a seed
-    model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer, model = load_tokenizer_and_model(model_path, task, cfg.objective, cfg.cache_dir)
-    if cfg.dropout_seed is not None:
-        # Standard dropout draws from torch's stream, which set_seed(seed) started before the head was
-        # initialised; an explicit dropout seed restarts it here, so the masks no longer depend on --seed
-        # (an initialisation-only floor keeps them) and the head stays the seed's.
-        set_seed(cfg.dropout_seed)
-    max_pos = model.config.max_position_embeddings
-    if cfg.max_length > max_pos:
-        raise BertAccumError(f"--max_length {cfg.max_length} exceeds the model's {max_pos} positions")
-    with accelerator.main_process_first():
-        raw = load_raw_splits(
-            task, glue_dir=cfg.glue_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
-            text_column_names=cfg.text_column_names, label_column_name=cfg.label_column_name, cache_dir=cfg.cache_dir,
-        )
-        if cfg.max_train_samples is not None:
-            raw["train"] = raw["train"].select(range(min(cfg.max_train_samples, len(raw["train"]))))
-        if cfg.max_eval_samples is not None:
-            for split in task.eval_splits:
-                raw[split] = raw[split].select(range(min(cfg.max_eval_samples, len(raw[split]))))
-        tokenized = tokenize_splits(raw, tokenizer, cfg.max_length, task.is_pair)
-    train = InMemorySplit.from_dataset(tokenized["train"])
-    kind = "mlm" if cfg.objective == "mlm" else ("regression" if task.is_regression else "classification")
-
-    plan = WindowPlan(
-        num_examples=len(train), micro_batch_size=B, accumulation_steps=N, num_processes=W, seed=cfg.resolved_data_seed,
-        drop_last_window=cfg.drop_last_window, step_mod_boundaries=bugs.step_mod_boundaries,
-    )
-    steps_per_epoch = plan.num_windows_per_epoch()
-    max_steps, epochs = total_steps(steps_per_epoch, cfg.num_train_epochs, cfg.max_train_steps,
-                                    cfg.max_train_examples, plan.effective_batch_size)
-    eval_every = cfg.eval_every(max_steps)
-    if cfg.num_warmup_steps:
-        warmup = cfg.num_warmup_steps
-    else:
-        warmup = math.ceil(cfg.warmup_ratio * max_steps)
-    sched_scale = bugs.schedule_scale(N)
-    E = plan.effective_batch_size
-    last = len(train) % E
-    say(
-        f"[bert_accum] task {task.name} ({kind}) | train examples {len(train)} | "
-        f"B={B} x N={N} x W={W} -> effective batch {E}\n"
-        f"[bert_accum] optimizer steps per epoch = ceil({len(train)}/{E}) = {steps_per_epoch}"
-        + (f" (last window {last} examples{', dropped' if cfg.drop_last_window else ''})" if last else "")
-        + f" | epochs {epochs} | total optimizer steps {max_steps} | micro-steps per step {N}"
-        f" | warmup {warmup} steps | schedule sized in {'MICRO-steps (bug mode)' if sched_scale > 1 else 'optimizer steps'}"
-    )
-
-    # --- dropout controls go on the bare model, before accelerate wraps it -------------------------
-    if cfg.precision == "fp64":
-        model = model.double()
-    dropout = DropoutController(model, cfg.dropout, cfg.resolved_dropout_seed)
-    groups = {n: parameter_group(n) for n, _ in model.named_parameters()}
-    optimizer = _optimizer(model, cfg)
-    # The scheduler is NOT passed to accelerator.prepare: AcceleratedScheduler steps W times per call
-    # unless batches are split, which would size the schedule in process-steps. We step it ourselves.
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer=optimizer,
-        num_warmup_steps=warmup * sched_scale, num_training_steps=max_steps * sched_scale,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Every check that can fail happens before the run folder is written.
+    s = setup(cfg, W, accelerator)
+    accelerator.print(s.arithmetic())
+    model, optimizer = accelerator.prepare(s.model, s.optimizer)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-
-    collate = Collator(train, tokenizer, cfg.padding, cfg.max_length, mlm=cfg.objective == "mlm",
-                       mlm_probability=cfg.mlm_probability, seed=cfg.resolved_data_seed)
-    eval_loaders = _eval_loaders(tokenized, task, tokenizer, cfg, accelerator)
+    accelerator.register_for_checkpointing(s.scheduler, progress)
+    eval_loaders = _eval_loaders(s.tokenized, s.task, s.tokenizer, cfg, accelerator)
 
     resume_path = None
     if resuming:
@@ -188,106 +107,25 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         if not resume_path.is_dir():
             raise BertAccumError(f"checkpoint folder not found: {resume_path}")
 
-    # --- the run folder ---------------------------------------------------------------------------
-    if main:
+    if accelerator.is_main_process:
         create_output_dir(out, cfg.overwrite_output_dir, resuming)
     accelerator.wait_for_everyone()
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        say(f"[bert_accum] resumed from {resume_path} at optimizer step {progress.optimizer_step}")
-    derived = {
-        "micro_batch_size": B, "accumulation_steps": N, "num_processes": W, "effective_batch_size": E,
-        "optimizer_steps_per_epoch": steps_per_epoch, "total_optimizer_steps": max_steps, "epochs": epochs,
-        "num_warmup_steps": warmup, "train_examples": len(train), "model_path": model_path, "task": task.name,
-        "synthetic_data": task.name == "synthetic",
-        "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed},
-    }
-    fingerprinter = Fingerprinter(cfg.fingerprint_dim) if cfg.fingerprint_steps else None
-    keep = progress.optimizer_step if resuming else None
-    steps_log = evals_log = None
-    if main:
-        write_json(out / "config.json", {**cfg.to_dict(), "derived": derived})
-        write_json(out / "environment.json", environment(str(accelerator.device), W, cfg.precision))
-        steps_log = JsonlWriter(out / "steps.jsonl", keep_up_to_step=keep if resuming else 0)
-        evals_log = JsonlWriter(out / "eval.jsonl", keep_up_to_step=keep if resuming else 0)
-        if cfg.with_tracking:
-            accelerator.init_trackers("bert_accum", config=_flat_for_tracker({**cfg.to_dict(), **derived}))
-    if fingerprinter is not None and main and 0 in cfg.fingerprint_steps and progress.optimizer_step == 0:
-        fingerprinter.record(out, 0, accelerator.unwrap_model(model))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=max_steps, initial=progress.optimizer_step, desc="train", unit="step",
-               disable=not main or cfg.disable_progress_bar)
-    ckpt_every = int(cfg.checkpointing_steps) if cfg.checkpointing_steps and cfg.checkpointing_steps.isdigit() else None
-    last_eval: dict[str, Any] = {}
-    status = "completed"
-    compute_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    model.train()
+        accelerator.print(f"[bert_accum] resumed from {resume_path} at optimizer step {progress.optimizer_step}")
+    recorder = RunRecorder(out, accelerator, cfg, s.derived(), resume_at=progress.optimizer_step if resuming else None)
+    if recorder.fingerprinter is not None and 0 in cfg.fingerprint_steps and progress.optimizer_step == 0:
+        recorder.fingerprint(0, accelerator.unwrap_model(model))
     try:
-        while progress.optimizer_step < max_steps:
-            epoch, k = divmod(progress.optimizer_step, steps_per_epoch)
-            windows = plan.windows(epoch)
-            for window in windows[k:]:
-                if progress.optimizer_step >= max_steps:
-                    break
-                t0 = time.perf_counter()
-                row = _train_window(
-                    window, epoch, model, optimizer, scheduler, accelerator, collate, dropout, cfg, kind,
-                    compute_dtype, N, W, groups, progress, before_optimizer_step,
-                )
-                progress.optimizer_step += 1
-                progress.examples_seen += row["examples"]
-                progress.real_tokens_seen += row["real_tokens"]
-                seconds = time.perf_counter() - t0
-                progress.train_seconds += seconds
-                row.update(optimizer_step=progress.optimizer_step, epoch=epoch, window_in_epoch=k,
-                           examples_seen=progress.examples_seen, seconds=round(seconds, 6), num_processes=W)
-                k += 1
-                if main:
-                    steps_log.write(row)
-                    if cfg.with_tracking:
-                        accelerator.log({"train/loss": row["loss"], "train/grad_norm": row["grad_norm"],
-                                         "train/learning_rate": row["learning_rate"]}, step=progress.optimizer_step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
-                end_of_epoch = k == len(windows)
-                step = progress.optimizer_step
-                if (eval_every and step % eval_every == 0) or end_of_epoch or step == max_steps:
-                    last_eval = _evaluate(model, eval_loaders, task, kind, accelerator, cfg, dropout)
-                    last_eval.update(optimizer_step=step, epoch=epoch)
-                    if main:
-                        evals_log.write(last_eval)
-                        if cfg.with_tracking:
-                            accelerator.log({f"eval/{k_}": v for k_, v in last_eval.items() if isinstance(v, float)}, step=step)
-                if fingerprinter is not None and step in cfg.fingerprint_steps and main:
-                    fingerprinter.record(out, step, accelerator.unwrap_model(model))
-                if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    save_checkpoint(accelerator, out / "checkpoints", step)
-                    if main and cfg.checkpoints_total_limit:
-                        prune_checkpoints(out, cfg.checkpoints_total_limit)
-    except NonFiniteLossError as exc:
-        status = "non_finite_loss"
-        if main:
-            write_json(out / "final_metrics.json", {"status": status, "error": str(exc), "optimizer_step": progress.optimizer_step + 1})
-        raise
+        last_eval = fit(s, model, optimizer, accelerator, progress, eval_loaders, recorder, before_optimizer_step)
     finally:
-        bar.close()
-        if main and steps_log is not None:
-            steps_log.close()
-            evals_log.close()
-
-    if not last_eval:
-        # Resumed from the checkpoint of the last step (killed after it, before final_metrics.json): the
-        # final evaluation is recomputed; its eval.jsonl row survived the truncation, so it is not written twice.
-        last_eval = _evaluate(model, eval_loaders, task, kind, accelerator, cfg, dropout)
-        last_eval.update(optimizer_step=progress.optimizer_step, epoch=(progress.optimizer_step - 1) // steps_per_epoch)
+        recorder.close()
     seconds = max(progress.train_seconds, 1e-9)
     final = {
-        "status": status,
-        "task": task.name,
-        "synthetic_data": task.name == "synthetic",
-        **derived,
+        "status": "completed",
+        "task": s.task.name,
+        "synthetic_data": s.task.name == "synthetic",
+        **s.derived(),
         "optimizer_steps": progress.optimizer_step,
         "examples_seen": progress.examples_seen,
         "train_seconds": round(progress.train_seconds, 3),
@@ -296,30 +134,90 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         "device": str(accelerator.device),
         "precision": cfg.precision,
         "eval": last_eval,
-        "main_metric": task.main_metric if kind != "mlm" else "masked_accuracy",
+        "main_metric": s.task.main_metric if s.kind != "mlm" else "masked_accuracy",
     }
     if cfg.save_final_model:
         accelerator.wait_for_everyone()
-        if main:
+        if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out / "model")
-            tokenizer.save_pretrained(out / "model")
-    if main:
-        write_json(out / "final_metrics.json", final)
-    if cfg.with_tracking:
-        accelerator.end_training()
+            s.tokenizer.save_pretrained(out / "model")
+    recorder.finish(final)
     accelerator.wait_for_everyone()
-    say(f"[bert_accum] done: {progress.optimizer_step} optimizer steps, "
-        f"{final['examples_per_second']:.1f} examples/s, eval {_short(last_eval)} -> {out}")
+    accelerator.print(f"[bert_accum] done: {progress.optimizer_step} optimizer steps, "
+                      f"{final['examples_per_second']:.1f} examples/s, eval {_short(last_eval)} -> {out}")
     return final
+
+
+def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, eval_loaders: dict[str, Any] | None,
+        recorder: RunRecorder | None = None, before_optimizer_step=None) -> dict[str, Any]:
+    """The loop: from `progress` to the last optimizer step, one exact window at a time.
+
+    `model` and `optimizer` are the accelerate-prepared ones of setup `s`. With a `recorder`, every step is
+    written to the run folder, evaluated at the configured cadence, fingerprinted and checkpointed; without
+    one (the benchmark's light loop) nothing is recorded or evaluated. Returns the last evaluation.
+    """
+    cfg, steps = s.cfg, s.steps
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps.total, initial=progress.optimizer_step, desc="train", unit="step",
+               disable=not accelerator.is_main_process or cfg.disable_progress_bar or recorder is None)
+    ckpt_every = int(cfg.checkpointing_steps) if cfg.checkpointing_steps and cfg.checkpointing_steps.isdigit() else None
+    last_eval: dict[str, Any] = {}
+    compute_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    model.train()
+    try:
+        while progress.optimizer_step < steps.total:
+            epoch, k = divmod(progress.optimizer_step, steps.steps_per_epoch)
+            windows = s.plan.windows(epoch)
+            for window in windows[k:]:
+                if progress.optimizer_step >= steps.total:
+                    break
+                t0 = time.perf_counter()
+                row = _train_window(
+                    window, epoch, model, optimizer, s.scheduler, accelerator, s.collator, s.dropout, cfg, s.kind,
+                    compute_dtype, s.accumulation_steps, s.num_processes, s.groups, progress, before_optimizer_step,
+                )
+                progress.optimizer_step += 1
+                progress.examples_seen += row["examples"]
+                progress.real_tokens_seen += row["real_tokens"]
+                seconds = time.perf_counter() - t0
+                progress.train_seconds += seconds
+                row.update(optimizer_step=progress.optimizer_step, epoch=epoch, window_in_epoch=k,
+                           examples_seen=progress.examples_seen, seconds=round(seconds, 6), num_processes=s.num_processes)
+                k += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")
+                if recorder is None:
+                    continue
+                recorder.step(row)
+                end_of_epoch = k == len(windows)
+                step = progress.optimizer_step
+                if (steps.eval_every and step % steps.eval_every == 0) or end_of_epoch or step == steps.total:
+                    last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout)
+                    last_eval.update(optimizer_step=step, epoch=epoch)
+                    recorder.evaluation(last_eval)
+                if step in cfg.fingerprint_steps:
+                    recorder.fingerprint(step, accelerator.unwrap_model(model))
+                if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
+                    save_checkpoint(accelerator, recorder.out / "checkpoints", step)
+                    if accelerator.is_main_process and cfg.checkpoints_total_limit:
+                        prune_checkpoints(recorder.out, cfg.checkpoints_total_limit)
+    except NonFiniteLossError as exc:
+        if recorder is not None:
+            recorder.finish({"status": "non_finite_loss", "error": str(exc), "optimizer_step": progress.optimizer_step + 1})
+        raise
+    finally:
+        bar.close()
+    if not last_eval and recorder is not None:
+        # Resumed from the checkpoint of the last step (killed after it, before final_metrics.json): the
+        # final evaluation is recomputed; its eval.jsonl row survived the truncation, so it is not written twice.
+        last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout)
+        last_eval.update(optimizer_step=progress.optimizer_step, epoch=(progress.optimizer_step - 1) // steps.steps_per_epoch)
+    return last_eval
 
 
 def _short(ev: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
-
-
-def _flat_for_tracker(d: dict[str, Any]) -> dict[str, Any]:
-    """TensorBoard hparams accept only scalars and strings."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
 
 
 def count_items(micro_batches: list[dict[str, torch.Tensor]], kind: str) -> int:

@@ -446,52 +446,25 @@ def train_bert_accum(job: Job, accelerator, gate: Callable[[int], None], on_mode
 
 
 def train_light(job: Job, accelerator, gate: Callable[[int], None], on_model: Callable, state: dict) -> None:
-    """bert_accum's exact windows with nothing recorded: set up as `run` does, then per window
-    collate, `accumulate_window`, clip, step, schedule, zero_grad."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+    """bert_accum's own setup and loop (`setup` + `fit`) with no recorder: the same exact windows as `run`,
+    with nothing written and nothing evaluated, so its gap to `bert_accum` is the price of the records."""
+    from ..core.checkpoint import TrainingProgress
+    from ..core.setup import setup
+    from ..core.train import fit
 
-    from ..core.data import load_raw_splits
-    from ..controls.dropout import DropoutController
-    from ..core.features import Collator, InMemorySplit, tokenize_splits
-    from ..core.modeling import load_tokenizer_and_model
-    from ..core.tasks import get_task
-    from ..core.train import _optimizer, accumulate_window, count_items
-    from ..core.windows import window_examples
-
-    cfg = _train_config(job, output_dir="unused")
-    task = get_task(job.task_name)
-    set_seed(job.seed)
-    tokenizer, model = load_tokenizer_and_model(job.model_path, task, "classification")
-    raw = _raw_splits(job, task, load_raw_splits)
-    train = InMemorySplit.from_dataset(tokenize_splits(raw, tokenizer, job.max_length, task.is_pair)["train"])
-    windows = _plan_windows(job, len(train))
-    kind = "regression" if task.is_regression else "classification"
-    dropout = DropoutController(model, job.dropout, job.seed)
-    optimizer = _optimizer(model, cfg)
-    scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0, num_training_steps=job.total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    collate = Collator(train, tokenizer, job.padding, job.max_length, seed=job.seed)
+    s = setup(_train_config(job, output_dir="unused"), 1, accelerator)
+    _plan_windows(job, len(s.train))
+    model, optimizer = accelerator.prepare(s.model, s.optimizer)
     on_model(model)
-    model.train()
+    progress = TrainingProgress()
     state["optimizer_steps"] = 0
-    for k, window in enumerate(windows):
-        everyone = window_examples(window)
-        micro_batches = [collate(micro[0], everyone, 0) for micro in window]
-        accumulate_window(
-            model, micro_batches, epoch=0, dropout=dropout, kind=kind, loss_normalization=cfg.loss_normalization,
-            window_items=count_items(micro_batches, kind), window_examples=len(everyone),
-            accumulation_steps=job.accumulation_steps, device=accelerator.device, backward=accelerator.backward,
-            no_sync=lambda: accelerator.no_sync(model),
-        )
-        if accelerator.scaler is not None:
-            accelerator.unscale_gradients()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.max_grad_norm)
-        gate(k + 1)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["optimizer_steps"] += 1
+
+    def before_optimizer_step(_model, step):
+        gate(step)
+        state["optimizer_steps"] = step
+
+    fit(s, model, optimizer, accelerator, progress, eval_loaders=None, recorder=None,
+        before_optimizer_step=before_optimizer_step)
 
 
 def train_plain(job: Job, accelerator, gate: Callable[[int], None], on_model: Callable, state: dict) -> None:
