@@ -54,12 +54,10 @@ def load_model(cfg: TrainConfig):
     return task, tokenizer, model, model_path
 
 
-def load_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, train_indices: list[int] | None = None):
-    """Tokenised splits (a `datasets.DatasetDict`): the first `max_train_samples` training examples and the first
-    `max_eval_samples` of each evaluation split; `train_indices` (positions after that cut) keeps only those
-    training examples, for tools that need a few windows (the probe)."""
+def load_raw(cfg: TrainConfig, task: TaskSpec):
+    """The raw splits (a `datasets.DatasetDict`): the first `max_train_samples` training examples and the first
+    `max_eval_samples` of each evaluation split."""
     from .data import load_raw_splits
-    from .features import tokenize_splits
 
     raw = load_raw_splits(
         task, glue_dir=cfg.glue_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
@@ -67,12 +65,17 @@ def load_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, train_indices: list
     )
     if cfg.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(cfg.max_train_samples, len(raw["train"]))))
-    if train_indices is not None:
-        raw["train"] = raw["train"].select(train_indices)
     if cfg.max_eval_samples is not None:
         for split in task.eval_splits:
             raw[split] = raw[split].select(range(min(cfg.max_eval_samples, len(raw[split]))))
-    return tokenize_splits(raw, tokenizer, cfg.max_length, task.is_pair)
+    return raw
+
+
+def load_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, raw=None):
+    """Tokenised splits of `raw` (default: `load_raw(cfg, task)`), unpadded, with `length`, `label` and `idx`."""
+    from .features import tokenize_splits
+
+    return tokenize_splits(load_raw(cfg, task) if raw is None else raw, tokenizer, cfg.max_length, task.is_pair)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -126,6 +126,19 @@ class ProbeConfig:
     """Command line written in the output files' header (default: reconstructed from sys.argv)."""
     quiet: bool = False
 
+    def train_config(self):
+        """The `TrainConfig` whose setup (model, head, data) the probe measures."""
+        from ..core.config import TrainConfig
+
+        return TrainConfig(
+            task_name=self.task_name, glue_dir=self.glue_dir, train_file=self.train_file,
+            validation_file=self.validation_file, text_column_names=self.text_column_names,
+            label_column_name=self.label_column_name, model_name_or_path=self.model_name_or_path,
+            max_length=self.max_length, objective=self.objective, mlm_probability=self.mlm_probability,
+            seed=self.seed, max_train_samples=self.max_train_samples, cache_dir=self.cache_dir,
+            learning_rate=self.learning_rate,
+        )
+
     def validate(self) -> None:
         """One-line BertAccumError for anything that cannot make a probe."""
         if not self.task_name:
@@ -254,35 +267,24 @@ class _Prober:
     """Model, data and caches of one probe run."""
 
     def __init__(self, cfg: ProbeConfig, say):
-        from accelerate.utils import set_seed
-
-        from ..core.data import load_raw_splits
-        from ..core.features import Collator, InMemorySplit, tokenize_splits
-        from ..core.modeling import load_tokenizer_and_model, parameter_group, resolve_model_path
-        from ..core.tasks import get_task
+        from ..core.features import Collator, InMemorySplit
+        from ..core.modeling import parameter_group
+        from ..core.setup import load_model, load_raw, load_splits, task_kind
         from ..core.windows import WindowPlan
 
         self.cfg = cfg
         self.say = say
-        self.task = get_task(cfg.task_name)
+        train_cfg = cfg.train_config()
+        # The same setup as `run`: the same fresh head for this seed, the same examples.
+        self.task, tokenizer, model, _ = load_model(train_cfg)
         task = self.task
-        self.kind = "mlm" if cfg.objective == "mlm" else ("regression" if task.is_regression else "classification")
-        set_seed(cfg.seed)  # the same fresh head as `run` gives for this seed
-        tokenizer, model = load_tokenizer_and_model(resolve_model_path(cfg.model_name_or_path), task, cfg.objective,
-                                                    cfg.cache_dir)
-        if cfg.max_length > model.config.max_position_embeddings:
-            raise BertAccumError(
-                f"--max_length {cfg.max_length} exceeds the model's {model.config.max_position_embeddings} positions")
+        self.kind = task_kind(train_cfg, task)
         self.base = model
         self.initial_state = copy.deepcopy(model.state_dict())
         self.groups = [parameter_group(n) for n, _ in model.named_parameters()]
 
-        raw = load_raw_splits(task, glue_dir=cfg.glue_dir, train_file=cfg.train_file,
-                              validation_file=cfg.validation_file, text_column_names=cfg.text_column_names,
-                              label_column_name=cfg.label_column_name, cache_dir=cfg.cache_dir)
+        raw = load_raw(train_cfg, task)
         train_raw = raw["train"]
-        if cfg.max_train_samples is not None:
-            train_raw = train_raw.select(range(min(cfg.max_train_samples, len(train_raw))))
         self.num_examples = len(train_raw)
         E = cfg.effective_batch_size
         if self.num_examples < E:
@@ -304,8 +306,7 @@ class _Prober:
                         for key, ws in self.windows.items()}
         from datasets import DatasetDict
 
-        tokenized = tokenize_splits(DatasetDict({"train": train_raw.select(needed)}), tokenizer, cfg.max_length,
-                                    task.is_pair)
+        tokenized = load_splits(train_cfg, task, tokenizer, raw=DatasetDict({"train": train_raw.select(needed)}))
         self.split = InMemorySplit.from_dataset(tokenized["train"])  # idx keeps the example identity
         self.collators = {
             padding: Collator(self.split, tokenizer, padding, cfg.max_length, mlm=cfg.objective == "mlm",
