@@ -8,7 +8,7 @@ def test_demo_report(tmp_path, tiny_model_dir):
     report = run_demo(str(tmp_path / "demo"), grid=((8, 1), (4, 2), (2, 4)), n_train=32, n_dev=16, seed=1,
                       model_name_or_path=tiny_model_dir)
     text = report.read_text()
-    assert text.startswith("<!-- produced by:") and "synthetic" in text
+    assert text.startswith("<!-- command: python ") and "git_commit: " in text and "synthetic" in text
     for b, n in ((8, 1), (4, 2), (2, 4)):
         assert f"| {b} | {n} | 8 |" in text
         assert len(read_jsonl(tmp_path / "demo" / "runs" / f"B{b}_N{n}" / "steps.jsonl")) == 4

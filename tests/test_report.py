@@ -117,7 +117,7 @@ def test_report_files_are_written_with_headers_and_numbers(study):
                                        probe_dir=str(study / "probe"), batchnorm_dir=None, output_dir=str(out),
                                        command="python scripts/report.py runs/study runs/study_bugs"))
     text = report.read_text()
-    assert text.startswith("<!-- produced by: python scripts/report.py runs/study runs/study_bugs | commit ")
+    assert text.startswith("<!-- command: python scripts/report.py runs/study runs/study_bugs | git_commit: ")
     assert "leaves -16 in `.grad`" in text and "giving -20" in text and "from 1 to 1.2 accumulated and to 1.2 as" in text
     assert "| rte | default | 8 | 4 | accuracy | 3 | 0.7300 ± 0.0300 | 0.1100 | [0.0852, 0.1348] | 0.0200 | yes |" in text
     assert "Of 2 paired comparisons in `study`, 1 differ beyond seed noise" in text
@@ -129,7 +129,7 @@ def test_report_files_are_written_with_headers_and_numbers(study):
     with (out / "study/summary.csv").open() as fh:
         first = fh.readline()
         rows = list(csv.DictReader(fh))
-    assert first.startswith("# produced by: python scripts/report.py") and len(rows) == 6
+    assert first.startswith("# command: python scripts/report.py") and len(rows) == 6
     runs_csv = (out / "study/runs.csv").read_text().splitlines()
     assert len(runs_csv) == 2 + 16
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..controls.bugs import BugModes
 from ..controls.loss import micro_loss_scale, per_item_loss
 from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
-from .config import TrainConfig, total_steps
+from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
 from .records import RunRecorder, create_output_dir, prepare_output_dir
 from .setup import RunSetup, setup

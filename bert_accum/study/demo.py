@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from ..core.config import TrainConfig
-from ..core.records import git_commit, read_jsonl
+from ..core.records import read_jsonl
+from .plumbing import header, provenance
 
 DEFAULT_GRID = ((16, 1), (8, 2), (4, 4))
 
@@ -67,7 +67,7 @@ def render_report(runs_dir: Path, grid, elapsed: float) -> str:
     any_final = rows[ref_key]["final"]
     metric = any_final["main_metric"]
     lines = [
-        f"<!-- produced by: python {' '.join(sys.argv)} | commit {git_commit()} -->",
+        header(provenance(), markdown=True),
         "# bert_accum demo: gradient accumulation on the synthetic task",
         "",
         f"Data: this project's **synthetic** GLUE-format task (not GLUE; {any_final['train_examples']} train examples), "

@@ -36,11 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import math
-import shlex
-import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +48,7 @@ from torch import nn
 
 from ..errors import BertAccumError
 from ..controls.loss import micro_loss_scale
+from .plumbing import mean_std
 from ..core.windows import WindowPlan
 
 __all__ = [
@@ -400,13 +397,6 @@ def study_rows(cfg: NormStudyConfig, data: SyntheticData | None = None,
 _SUMMARY_METRICS = ("grad_rel_l2", "grad_cosine", "running_mean_rel", "running_var_rel") + _TRAINING_COLUMNS
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for a single value); nan when any value is nan."""
-    if not values or any(math.isnan(v) for v in values):
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (variant, precision, B): n seeds, mean and std of every metric, and the largest grad_rel_l2."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -419,20 +409,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "effective_batch_size": rs[0]["effective_batch_size"], "n": len(rs),
                              "grad_rel_l2_max": max(r["grad_rel_l2"] for r in rs)}
         for m in _SUMMARY_METRICS:
-            s[f"{m}_mean"], s[f"{m}_std"] = _mean_std([r[m] for r in rs])
+            s[f"{m}_mean"], s[f"{m}_std"] = mean_std([r[m] for r in rs])
         out.append(s)
     return out
-
-
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and argv[0]:
-        script = Path(argv[0])
-        try:
-            argv[0] = str(script.resolve().relative_to(Path.cwd()))
-        except ValueError:
-            argv[0] = str(script)
-    return shlex.join(["python", *argv])
 
 
 def _e(v: float) -> str:
@@ -558,22 +537,17 @@ def write_outputs(rows: list[dict[str, Any]], cfg: NormStudyConfig, seconds: flo
 
     Returns (files, summary, markdown).
     """
-    from ..core.records import git_commit
+    from .plumbing import header as comment
+    from .plumbing import provenance, write_csv
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = header or f"command: {cfg.command or _command_line()} | git_commit: {git_commit() or 'unknown'}"
+    header = header or provenance(cfg.command)
     files = {"csv": out / "norm_study.csv", "md": out / "norm_study.md"}
-    with files["csv"].open("w", newline="") as fh:
-        fh.write(f"# {header}\n")
-        writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else repr(v) if isinstance(v, float)
-                                 else v) for k, v in row.items()})
+    write_csv(files["csv"], rows, header, COLUMNS)
     summary = summarize(rows)
     markdown = _markdown(summary, cfg, seconds)
-    files["md"].write_text(f"<!-- {header} -->\n{markdown}")
+    files["md"].write_text(comment(header, markdown=True) + "\n" + markdown)
     if cfg.plot and any(s["accumulation_steps"] > 1 for s in summary):
         files["png"] = _plot(summary, cfg, out / "norm_study.png")
     return files, summary, markdown

@@ -33,12 +33,9 @@ and the same seed floor.
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import shlex
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -417,7 +414,8 @@ def default_arms() -> list[str]:
 
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Run the probe, write probe.csv / probe.md (and probe_steps.csv), print the table; returns the rows."""
-    from ..core.records import git_commit
+    from .plumbing import header as plumbing_header
+    from .plumbing import provenance, write_csv
 
     started = time.perf_counter()
     cfg.validate()
@@ -474,14 +472,14 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     seconds = time.perf_counter() - started
     out = cfg.resolved_output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    header = f"command: {cfg.command or _command_line()} | git_commit: {git_commit() or 'unknown'}"
+    header = provenance(cfg.command)
     files = {"csv": out / "probe.csv", "md": out / "probe.md"}
-    _write_csv(files["csv"], header, COLUMNS, rows)
+    write_csv(files["csv"], rows, header, COLUMNS)
     markdown = _markdown(rows, cfg, prober, seconds)
-    files["md"].write_text(f"<!-- {header} -->\n{markdown}")
+    files["md"].write_text(plumbing_header(header, markdown=True) + "\n" + markdown)
     if step_rows:
         files["steps_csv"] = out / "probe_steps.csv"
-        _write_csv(files["steps_csv"], header, STEP_COLUMNS, step_rows)
+        write_csv(files["steps_csv"], step_rows, header, STEP_COLUMNS)
     say(markdown)
     if step_rows:
         say(_steps_markdown(step_rows, cfg.steps))
@@ -529,26 +527,6 @@ def _run_steps(cfg: ProbeConfig, prober: _Prober, configs, kind: str, task: str,
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and argv[0]:
-        script = Path(argv[0])
-        try:
-            argv[0] = str(script.resolve().relative_to(Path.cwd()))
-        except ValueError:
-            argv[0] = str(script)
-    return shlex.join(["python", *argv])
-
-
-def _write_csv(path: Path, header: str, columns, rows) -> None:
-    with path.open("w", newline="") as fh:
-        fh.write(f"# {header}\n")
-        writer = csv.DictWriter(fh, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def _fmt(v: float, digits: int = 3) -> str:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import BertAccumError
 from ..core.records import git_commit, read_jsonl
+from .plumbing import fmt, header, mean_std, provenance, t_interval, write_csv
 
 _CELL = re.compile(r"B(\d+)_N(\d+)$")
 
@@ -133,26 +134,6 @@ def reference_of(run: Run, runs_by_key: dict[tuple, Run]) -> Run | None:
     if run.arm != "default":
         return runs_by_key.get((run.study, run.task, "default", run.bn, W, run.seed))
     return None
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN when undefined)."""
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")
-
-
-def t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Two-sided Student-t confidence interval of the mean of paired differences."""
-    from scipy import stats
-
-    n = len(diffs)
-    if n < 2:
-        return float("nan"), float("nan")
-    m, s = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)
-    return m - half, m + half
 
 
 @dataclass
@@ -280,38 +261,12 @@ def distance_curves(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _header(command: str, commit: str | None, md: bool) -> str:
-    text = f"produced by: {command} | commit {commit}"
-    return f"<!-- {text} -->" if md else f"# {text}"
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "—"
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], header: str) -> None:
-    """CSV with a first comment line naming the command and commit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = list(rows[0]) if rows else []
-    with path.open("w", newline="") as fh:
-        fh.write(header + "\n")
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def md_table(rows: list[dict[str, Any]], cols: list[str], names: list[str] | None = None) -> str:
     """A Markdown table of `cols` from dict rows."""
     names = names or cols
     lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -322,18 +277,18 @@ def read_probe(path: Path) -> list[dict[str, Any]]:
     for r in rows:
         for k, v in r.items():
             try:
-                r[k] = float(v) if k not in ("task", "objective", "arm", "max_group") else v
+                r[k] = (float(v) if v != "" else math.nan) if k not in ("task", "objective", "arm", "max_group") else v
             except ValueError:
                 pass
     return rows
 
 
 def _pm(m: float, s: float) -> str:
-    return f"{_fmt(m)} ± {_fmt(s)}"
+    return f"{fmt(m)} ± {fmt(s)}"
 
 
 def _ci(lo: float, hi: float) -> str:
-    return "—" if math.isnan(lo) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+    return "—" if math.isnan(lo) else f"[{fmt(lo)}, {fmt(hi)}]"
 
 
 def summary_rows(summaries: list[Summary]) -> list[dict[str, Any]]:
@@ -342,8 +297,8 @@ def summary_rows(summaries: list[Summary]) -> list[dict[str, Any]]:
     for s in summaries:
         rows.append({
             "task": s.task, "arm": s.arm, "B": s.micro_batch_size, "N": s.accumulation_steps, "metric": s.metric_name,
-            "n": f"{s.n} ({s.non_finite} diverged)" if s.non_finite else s.n, "mean ± std": _pm(s.mean, s.std), "paired diff": _fmt(s.diff_mean),
-            "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": _fmt(s.seed_std), "beyond noise": s.beyond_seed_noise or "—",
+            "n": f"{s.n} ({s.non_finite} diverged)" if s.non_finite else s.n, "mean ± std": _pm(s.mean, s.std), "paired diff": fmt(s.diff_mean),
+            "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": fmt(s.seed_std), "beyond noise": s.beyond_seed_noise or "—",
             "param dist": _pm(s.rel_param_distance, s.rel_param_distance_std) if not math.isnan(s.rel_param_distance) else "—",
             "vs": s.reference or "—",
         })
@@ -468,7 +423,7 @@ def build_report(inp: ReportInputs) -> Path:
     study_dir = out / "study"
     figdir = study_dir / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
-    csv_head, md_head = _header(command, commit, False), _header(command, commit, True)
+    csv_head, md_head = provenance(command, commit), header(provenance(command, commit), markdown=True)
 
     summaries = summarise(runs)
     curves = distance_curves(runs)
@@ -527,7 +482,7 @@ def _probe_stat(probes: dict[str, list[dict[str, Any]]], arm: str, col: str = "r
 def _range_text(stats: dict[str, tuple[float, float]]) -> str:
     if not stats:
         return "not probed"
-    return "; ".join(f"{k}: {_fmt(lo, 3)}–{_fmt(hi, 3)}" for k, (lo, hi) in stats.items())
+    return "; ".join(f"{k}: {fmt(lo, 3)}–{fmt(hi, 3)}" for k, (lo, hi) in stats.items())
 
 
 def _final_distance(curves, study, task, arm, bn=None) -> float:
@@ -611,7 +566,7 @@ def render_report(runs, summaries, curves, probes, figures, out: Path, md_head: 
         if judged:
             L += [f"Of {len(judged)} paired comparisons in `{study}`, {len(beyond)} differ beyond seed noise"
                   + (": " + ", ".join(f"{s.task} {s.arm} B{s.micro_batch_size}N{s.accumulation_steps} "
-                                      f"({_fmt(s.diff_mean)})" for s in beyond) if beyond else "")
+                                      f"({fmt(s.diff_mean)})" for s in beyond) if beyond else "")
                   + ". `paired diff` is the mean over seeds of (run − reference of the same seed); `param dist` the "
                   "final relative parameter distance to the reference.", ""]
     L += ["Columns: `mean ± std` over seeds (n runs); `paired diff` and its 95% Student-t interval over the paired seeds; "
@@ -703,9 +658,9 @@ def _brief(runs, summaries, curves, probes) -> list[str]:
                  f"{_range_text(_probe_stat(mlm, 'controlled_loss_mean_of_means', 'rel_l2'))} relative L2 in one step, growing "
                  "as B shrinks; `global` normalisation removes it. Padding, once the attention mask is honoured, adds only "
                  "round-off.")
-    L.append(f"- **Over training:** the default arm ends {_fmt(mean_dist('default'))} (relative parameter distance, mean over "
-             f"tasks and (B, N)) from the large batch of the same seed, against {_fmt(floor)} between two seeds of the "
-             f"large batch; the controlled arm ends {_fmt(mean_dist('controlled'))} away.")
+    L.append(f"- **Over training:** the default arm ends {fmt(mean_dist('default'))} (relative parameter distance, mean over "
+             f"tasks and (B, N)) from the large batch of the same seed, against {fmt(floor)} between two seeds of the "
+             f"large batch; the controlled arm ends {fmt(mean_dist('controlled'))} away.")
     if judged:
         L.append(f"- **Final metrics:** {len(beyond)} of {len(judged)} (B, N) cells differ from the large batch beyond seed "
                  "noise (the 95% interval of the paired difference excludes 0 and its mean exceeds one seed standard deviation)"
@@ -713,7 +668,7 @@ def _brief(runs, summaries, curves, probes) -> list[str]:
                  + f" (n = {min(s.n_pairs for s in judged)}–{max(s.n_pairs for s in judged)} seeds per cell).")
     if bugs:
         L.append("- **Loop bugs** (against the correct loop): " + "; ".join(
-            f"{s.arm[4:]}: {s.metric_name} {_fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}, "
+            f"{s.arm[4:]}: {s.metric_name} {fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}, "
             f"{'beyond' if s.beyond_seed_noise == 'yes' else 'within'} seed noise" for s in bugs) + ".")
     L.append("")
     return L
@@ -782,14 +737,14 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
         f"(E, 1)): standard dropout with every other cause off: {_range_text(_probe_stat(cls_probes, 'controlled_dropout_standard'))}; "
         f"everything off: {_range_text(_probe_stat(cls_probes, 'controlled'))}.",
         f"- Training (final relative parameter distance to (E, 1), mean over tasks, (B, N) and seeds): default arm "
-        f"{_fmt(d_def)} (seed floor {_fmt(f_def)}), controlled arm {_fmt(d_ctl)} (seed floor {_fmt(f_ctl)}); mean "
-        f"|paired metric difference| {_fmt(m_def)} (default) vs {_fmt(m_ctl)} (controlled).",
+        f"{fmt(d_def)} (seed floor {fmt(f_def)}), controlled arm {fmt(d_ctl)} (seed floor {fmt(f_ctl)}); mean "
+        f"|paired metric difference| {fmt(m_def)} (default) vs {fmt(m_ctl)} (controlled).",
         "",
     ]
     attribution.append({"cause": "dropout RNG", "switch": "--dropout invariant",
                         "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_dropout_standard")),
-                        "training: param distance": f"default {_fmt(d_def)} vs controlled {_fmt(d_ctl)}",
-                        "training: mean abs metric diff": f"default {_fmt(m_def)} vs controlled {_fmt(m_ctl)}"})
+                        "training: param distance": f"default {fmt(d_def)} vs controlled {fmt(d_ctl)}",
+                        "training: mean abs metric diff": f"default {fmt(m_def)} vs controlled {fmt(m_ctl)}"})
 
     L += [
         "### Padding",
@@ -825,21 +780,21 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
         for s in rows:
             L.append(f"- Training, `{arm}` B={s.micro_batch_size} N={s.accumulation_steps} (n={s.n_pairs}): final relative "
                      f"parameter distance to (E, 1) {_pm(s.rel_param_distance, s.rel_param_distance_std)}, paired "
-                     f"{s.metric_name} difference {_fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}.")
+                     f"{s.metric_name} difference {fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}.")
     dist = {a: statistics.fmean(s.rel_param_distance for s in rows) for a, rows in mlm_rows.items() if rows}
     if "mlm_default" in dist and "mlm_global" in dist:
-        L.append(f"- With standard dropout the normalisation hardly shows over training: {_fmt(dist['mlm_default'])} "
-                 f"(mean_of_means) against {_fmt(dist['mlm_global'])} (global), because the dropout masks already move "
+        L.append(f"- With standard dropout the normalisation hardly shows over training: {fmt(dist['mlm_default'])} "
+                 f"(mean_of_means) against {fmt(dist['mlm_global'])} (global), because the dropout masks already move "
                  "(B, N) that far from (E, 1).")
     if "mlm_controlled" in dist and "mlm_controlled_mean_of_means" in dist:
-        L.append(f"- With dropout and padding held fixed it is the only difference left: {_fmt(dist['mlm_controlled'])} "
-                 f"(global) against {_fmt(dist['mlm_controlled_mean_of_means'])} (mean_of_means).")
+        L.append(f"- With dropout and padding held fixed it is the only difference left: {fmt(dist['mlm_controlled'])} "
+                 f"(global) against {fmt(dist['mlm_controlled_mean_of_means'])} (mean_of_means).")
     L.append("")
     attribution.append({"cause": "per-token loss averaging", "switch": "--loss_normalization global",
                         "one step (ratio to seed floor)": _range_text(_probe_stat(mlm_probes, "controlled_loss_mean_of_means")),
-                        "training: param distance": "; ".join(f"{a} {_fmt(statistics.fmean(s.rel_param_distance for s in rows))}"
+                        "training: param distance": "; ".join(f"{a} {fmt(statistics.fmean(s.rel_param_distance for s in rows))}"
                                                               for a, rows in mlm_rows.items() if rows) or "not run",
-                        "training: mean abs metric diff": "; ".join(f"{a} {_fmt(statistics.fmean(abs(s.diff_mean) for s in rows))}"
+                        "training: mean abs metric diff": "; ".join(f"{a} {fmt(statistics.fmean(abs(s.diff_mean) for s in rows))}"
                                                                   for a, rows in mlm_rows.items() if rows) or "not run"})
 
     L += [
@@ -850,8 +805,8 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
         "summation order, nothing else.",
         f"- bf16 autocast (one step): relative L2 {_range_text(_probe_stat(cls_probes, 'controlled_bf16', 'rel_l2'))}.",
         f"- Over training, the controlled arm's fp32 round-off becomes a relative parameter distance of "
-        f"{_fmt(_first_distance(curves, 'controlled'))} after the first step that moves the weights and "
-        f"{_fmt(d_ctl)} at the end (section 4), against {_fmt(f_def)} between two seeds. The jump from the gradient's 1e-7 "
+        f"{fmt(_first_distance(curves, 'controlled'))} after the first step that moves the weights and "
+        f"{fmt(d_ctl)} at the end (section 4), against {fmt(f_def)} between two seeds. The jump from the gradient's 1e-7 "
         "to 1e-5 in one step fits Adam's first update, lr·g/(|g| + ε) ≈ lr·sign(g): a coordinate whose gradient is near "
         "zero gets a full-size step whose sign round-off can decide (a likely mechanism, not measured separately here); "
         "after that step the distance stays flat.",
@@ -859,7 +814,7 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
     ]
     attribution.append({"cause": "fp32 summation order", "switch": "(fp64 shows the floor)",
                         "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled")),
-                        "training: param distance": f"controlled {_fmt(d_ctl)}", "training: mean abs metric diff": f"controlled {_fmt(m_ctl)}"})
+                        "training: param distance": f"controlled {fmt(d_ctl)}", "training: mean abs metric diff": f"controlled {fmt(m_ctl)}"})
     attribution.append({"cause": "bf16 autocast", "switch": "--precision fp32",
                         "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_bf16")),
                         "training: param distance": "not run", "training: mean abs metric diff": "not run"})
@@ -878,8 +833,8 @@ def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list
                           "paired diff": s.diff_mean, "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": s.seed_std,
                           "param dist": s.rel_param_distance})
             attribution.append({"cause": f"bug: {s.arm[4:]}", "switch": "(correct loop)", "one step (ratio to seed floor)": "—",
-                                "training: param distance": _fmt(s.rel_param_distance),
-                                "training: mean abs metric diff": _fmt(abs(s.diff_mean))})
+                                "training: param distance": fmt(s.rel_param_distance),
+                                "training: mean abs metric diff": fmt(abs(s.diff_mean))})
         L += [md_table(table, list(table[0])), "",
               "`param dist`: final parameter distance to the correct run of the same seed, relative to the correct run's "
               "total movement. `optimizer steps` and `last LR` show what each bug changes in the schedule.", ""]
