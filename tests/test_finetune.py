@@ -13,6 +13,7 @@ import pytest
 
 from bert_accum.cli import finetune_main
 from bert_accum.core.config import TrainConfig
+from bert_accum.errors import BertAccumError
 from bert_accum.core.data import write_glue_tsv
 from bert_accum.core.records import read_jsonl
 from bert_accum.core.train import run
@@ -195,3 +196,17 @@ def test_max_train_examples_sizes_steps_by_effective_batch_and_eval_steps_fracti
     assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, tmp_path / "x", "--max_train_examples", "20",
                                "--max_train_steps", "2")) == 2
     assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, tmp_path / "y", "--eval_steps", "2.5")) == 2
+
+
+def test_study_names_are_flags_yaml_keys_and_record_columns(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """--micro_batch_size/--accumulation_steps work as the HF flags do; each step row names B, N, W and the
+    cumulative micro_step."""
+    out = tmp_path / "run"
+    assert finetune_main(_args(tiny_model_dir, synthetic_glue_dir, out, "--micro_batch_size", "2",
+                               "--accumulation_steps", "3", "--max_train_steps", "2")) == 0
+    rows = read_jsonl(out / "steps.jsonl")
+    assert [(r["micro_batch_size"], r["accumulation_steps"], r["num_processes"]) for r in rows] == [(2, 3, 1)] * 2
+    assert [r["micro_step"] for r in rows] == [3, 6]
+    assert TrainConfig.from_dict({"micro_batch_size": 4, "accumulation_steps": 2}).per_device_train_batch_size == 4
+    with pytest.raises(BertAccumError):
+        TrainConfig.from_dict({"micro_batch_size": 4, "per_device_train_batch_size": 8})

@@ -28,6 +28,26 @@ OBJECTIVES = ("classification", "mlm")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
 
 
+STUDY_NAMES = {
+    "micro_batch_size": "per_device_train_batch_size",
+    "accumulation_steps": "gradient_accumulation_steps",
+}
+"""The study's names for the two HF flags: both spellings work as flags, YAML keys and `--set` keys."""
+
+
+def canonical_keys(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """`values` with the study's names (micro_batch_size, accumulation_steps) turned into the field names;
+    giving both spellings with different values is an error."""
+    out = dict(values)
+    for study, hf in STUDY_NAMES.items():
+        if study in out:
+            value = out.pop(study)
+            if hf in out and out[hf] != value:
+                raise BertAccumError(f"{source}: {study} ({value!r}) and {hf} ({out[hf]!r}) are one setting; give one")
+            out[hf] = value
+    return out
+
+
 def _f(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field whose help text feeds argparse, YAML docs and the run folder alike."""
     metadata = {"help": help, **extra}
@@ -268,6 +288,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from a dict (a YAML grid cell or a saved config.json); unknown keys are an error."""
+        values = canonical_keys(values)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -317,7 +338,8 @@ def build_parser(cls: type = TrainConfig, description: str | None = None) -> arg
             for key in ("nargs", "choices"):
                 if key in f.metadata:
                     kwargs[key] = f.metadata[key]
-        parser.add_argument(f"--{f.name}", **kwargs)
+        flags = [f"--{f.name}"] + [f"--{study}" for study, hf in STUDY_NAMES.items() if hf == f.name]
+        parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser
 
 

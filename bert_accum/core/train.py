@@ -178,12 +178,15 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                     compute_dtype, s.accumulation_steps, s.num_processes, s.groups, progress, before_optimizer_step,
                 )
                 progress.optimizer_step += 1
+                progress.micro_step += row["micro_steps"]
                 progress.examples_seen += row["examples"]
                 progress.real_tokens_seen += row["real_tokens"]
                 seconds = time.perf_counter() - t0
                 progress.train_seconds += seconds
-                row.update(optimizer_step=progress.optimizer_step, epoch=epoch, window_in_epoch=k,
-                           examples_seen=progress.examples_seen, seconds=round(seconds, 6), num_processes=s.num_processes)
+                row.update(optimizer_step=progress.optimizer_step, micro_step=progress.micro_step, epoch=epoch,
+                           window_in_epoch=k, examples_seen=progress.examples_seen, seconds=round(seconds, 6),
+                           micro_batch_size=s.micro_batch_size, accumulation_steps=s.accumulation_steps,
+                           num_processes=s.num_processes)
                 k += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}")

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.config import TrainConfig
+from ..core.config import TrainConfig, canonical_keys
 from ..errors import BertAccumError
 
 GRID_KEYS = {
@@ -150,7 +150,7 @@ class GridSpec:
         overrides = raw.get("task_overrides") or {}
         for where, values in [("shared", shared), *((f"arms.{a}", v or {}) for a, v in arms.items()),
                               *((f"task_overrides.{t}", v or {}) for t, v in overrides.items())]:
-            clash = sorted(set(values) & set(_CELL_KEYS))
+            clash = sorted(set(canonical_keys(values, f"{source}: {where}")) & set(_CELL_KEYS))
             if clash:
                 raise BertAccumError(f"{source}: {where} sets {', '.join(clash)}, which the grid sets per cell")
         stray = sorted(set(overrides) - set(raw["tasks"]))
