@@ -58,6 +58,9 @@ def test_finetune_script_writes_self_describing_run_folder(tmp_path, tiny_model_
     assert final["status"] == "completed" and final["synthetic_data"] is True
     assert final["examples_per_second"] > 0 and final["tokens_per_second"] > 0
     assert 0.0 <= final["eval"]["accuracy"] <= 1.0 and final["eval"]["num_examples"] == 24
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["optimizer_step"] == 5 and len(predictions["splits"]["validation"]) == 24
+    assert set(predictions["splits"]["validation"]) <= {0, 1}
 
 
 def test_effective_batch_size_derives_n(tmp_path, tiny_model_dir, synthetic_glue_dir):

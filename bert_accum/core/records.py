@@ -6,6 +6,7 @@
       steps.jsonl        one row per optimizer step
       eval.jsonl         one row per evaluation
       fingerprints.npz   parameter fingerprints at chosen optimizer steps (when asked)
+      predictions.json   dev-set predictions of the latest evaluation (classification and regression)
       final_metrics.json status, last evaluation, throughput
       checkpoints/       accelerate states for --checkpointing_steps
 """
@@ -192,14 +193,20 @@ class RunRecorder:
             self.accelerator.log({"train/loss": row["loss"], "train/grad_norm": row["grad_norm"],
                                   "train/learning_rate": row["learning_rate"]}, step=row["optimizer_step"])
 
-    def evaluation(self, row: dict[str, Any]) -> None:
-        """One evaluation's row (and its float metrics to the trackers)."""
+    def evaluation(self, row: dict[str, Any], predictions: dict[str, list] | None = None) -> None:
+        """One evaluation's row (and its float metrics to the trackers); its predictions replace the last ones."""
         if not self.main:
             return
         self.evals_log.write(row)
+        self.predictions(row["optimizer_step"], predictions)
         if self.tracking:
             self.accelerator.log({f"eval/{k}": v for k, v in row.items() if isinstance(v, float)},
                                  step=row["optimizer_step"])
+
+    def predictions(self, step: int, predictions: dict[str, list] | None) -> None:
+        """predictions.json: the dev-set predictions of the latest evaluation, per split, in dev-set order."""
+        if self.main and predictions:
+            write_json(self.out / "predictions.json", {"optimizer_step": step, "splits": predictions})
 
     def fingerprint(self, step: int, model) -> None:
         """Store the parameter fingerprint of `model` at `step` (when fingerprints were asked for)."""

@@ -196,9 +196,10 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                 end_of_epoch = k == len(windows)
                 step = progress.optimizer_step
                 if (steps.eval_every and step % steps.eval_every == 0) or end_of_epoch or step == steps.total:
-                    last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout)
+                    predictions: dict[str, list] = {}
+                    last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout, predictions)
                     last_eval.update(optimizer_step=step, epoch=epoch)
-                    recorder.evaluation(last_eval)
+                    recorder.evaluation(last_eval, predictions)
                 if step in cfg.fingerprint_steps:
                     recorder.fingerprint(step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
@@ -214,8 +215,10 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
     if not last_eval and recorder is not None:
         # Resumed from the checkpoint of the last step (killed after it, before final_metrics.json): the
         # final evaluation is recomputed; its eval.jsonl row survived the truncation, so it is not written twice.
-        last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout)
+        predictions = {}
+        last_eval = _evaluate(model, eval_loaders, s.task, s.kind, accelerator, cfg, s.dropout, predictions)
         last_eval.update(optimizer_step=progress.optimizer_step, epoch=(progress.optimizer_step - 1) // steps.steps_per_epoch)
+        recorder.predictions(progress.optimizer_step, predictions)
     return last_eval
 
 
@@ -373,8 +376,13 @@ def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any
 
 
 @torch.no_grad()
-def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout) -> dict[str, Any]:
-    """Metrics on every evaluation split; the torch RNG is forked so evaluation never shifts dropout masks."""
+def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout,
+              predictions_out: dict[str, list] | None = None) -> dict[str, Any]:
+    """Metrics on every evaluation split; the torch RNG is forked so evaluation never shifts dropout masks.
+
+    `predictions_out`, if given, receives each classification/regression split's predictions in dev-set order
+    (the study compares them between paired runs: how many dev examples two runs label differently).
+    """
     from tqdm.auto import tqdm
 
     from .metrics import compute_metrics
@@ -402,6 +410,8 @@ def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout) -> dict[str
             metrics = compute_metrics(task, predictions, references)
             results.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
             results[f"{prefix}num_examples"] = len(predictions)
+            if predictions_out is not None:
+                predictions_out[split] = predictions
     model.train()
     return results
 
