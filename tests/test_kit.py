@@ -359,3 +359,73 @@ def test_example_training_loop_runs_and_saves_a_stock_model(tmp_path, tiny_model
     assert "bert_accum" not in json.dumps(config)
     reloaded = BertForSequenceClassification.from_pretrained(out)
     assert reloaded.config.num_labels == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Two real processes
+# ------------------------------------------------------------------------------------------------
+WORKER = '''
+import random, sys, contextlib, torch
+from accelerate import Accelerator
+from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+from bert_accum import WindowCollator, WindowSampler, install_invariant_dropout, window_loss_scales
+
+torch.set_num_threads(1)
+out, b, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+words = "the a good bad movie plot was not very quite dull fun".split()
+tok = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])})
+rng = random.Random(0)
+data = []
+for i in range(24):  # masked-LM-like rows: 1 to 8 predicted tokens of 4 to 22, so token counts differ by row
+    enc = dict(tok(" ".join(rng.choices(words, k=rng.randint(2, 20)))))
+    chosen = set(rng.sample(range(1, len(enc["input_ids"]) - 1), rng.randint(1, min(8, len(enc["input_ids"]) - 2))))
+    enc["labels"] = [t if j in chosen else -100 for j, t in enumerate(enc["input_ids"])]
+    data.append({**enc, "idx": i})
+acc = Accelerator(cpu=True)
+config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+for normalization in ("global", "mean_of_means"):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    dropout = install_invariant_dropout(model, seed=3)
+    model = acc.prepare(model).train()
+    window = next(iter(WindowSampler(len(data), b, n, num_processes=acc.num_processes, process_index=acc.process_index)))
+    micro = WindowCollator(tok).collate_window(data, window)
+    scales = window_loss_scales(micro, normalization=normalization, items="tokens", accelerator=acc)
+    for j, (batch, scale) in enumerate(zip(micro, scales)):
+        sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(model)
+        with sync, dropout.batch(batch.pop("example_ids"), window.epoch):
+            acc.backward(model(**batch).loss * scale)
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    torch.save(grad, f"{out}/{normalization}.W{acc.num_processes}.rank{acc.process_index}.pt")
+'''
+
+
+def test_two_processes_reproduce_one_with_token_items(tmp_path):
+    """torchrun, two gloo ranks of (B=2, N=2) against one process of (B=8, N=1): masked-LM-like token items,
+    invariant dropout 0.1. `global` all-reduces the token count and matches; `mean_of_means` weighs each
+    micro-batch's token mean by its examples and does not."""
+    import socket
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    worker = str(tmp_path / "worker.py")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                            "127.0.0.1", "--master_port", str(port), worker, str(tmp_path), "2", "2"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = subprocess.run([sys.executable, worker, str(tmp_path), "8", "1"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    two_out, _ = two.communicate(timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two_out[-3000:]
+    for normalization in ("global", "mean_of_means"):
+        ranks = [torch.load(tmp_path / f"{normalization}.W2.rank{r}.pt") for r in (0, 1)]
+        assert torch.equal(ranks[0], ranks[1])  # all-reduced: both ranks hold the same gradient
+        single = torch.load(tmp_path / f"{normalization}.W1.rank0.pt")
+        rel = _rel(ranks[0], single)
+        print(f"W=2 (2,2) vs W=1 (8,1), {normalization}: {rel:.3e}")
+        assert rel < 1e-5 if normalization == "global" else rel > 1e-3
