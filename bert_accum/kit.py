@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _KIT_NAMES
 from .controls.dropout import DropoutController
 from .controls.loss import micro_loss_scale
 from .core.train import count_items
 from .core.windows import Window, WindowPlan, window_examples
-from . import _KIT_NAMES
 from .errors import BertAccumError, DoubleDivisionError
 
 # The names are listed once, in the package, which has to know them without importing this module (torch).
@@ -54,7 +54,7 @@ class AccumulationWindow:
 
     ``micro_batches`` are this process's dataset indices, one list per micro-step (a short last window
     has fewer micro-steps than N); ``examples`` are all indices of the window over every process, which
-    is what ``window`` padding and the loss weights need.
+    ``window`` padding needs (every process pads to the longest of them, so shapes do not depend on W).
     """
 
     epoch: int
