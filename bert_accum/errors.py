@@ -11,3 +11,8 @@ class BertAccumError(Exception):
 
 class NonFiniteLossError(BertAccumError):
     """Training produced a NaN/inf loss; the message names the optimizer and micro step."""
+
+
+class DoubleDivisionError(BertAccumError):
+    """An ``accelerate.Accelerator`` with ``gradient_accumulation_steps > 1`` next to the kit's loss scaling:
+    ``accelerator.backward`` would divide every loss by N a second time."""
