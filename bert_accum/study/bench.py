@@ -132,8 +132,10 @@ class Contender:
     @property
     def name(self) -> str:
         """Short unique label used in the tables."""
-        extra = [f"dropout={self.dropout}"] * (self.dropout != "standard") + [f"padding={self.padding}"] * (self.padding != "dynamic")
-        return " ".join([self.loop.replace("_light", " light"), self.precision, *extra])
+        parts = [self.loop.replace("_light", " light"), self.precision]
+        parts += [f"dropout={self.dropout}"] if self.dropout != "standard" else []
+        parts += [f"padding={self.padding}"] if self.padding != "dynamic" else []
+        return " ".join(parts)
 
     @property
     def description(self) -> str:
@@ -403,7 +405,7 @@ class _Process:
         self.send(None)
 
     def send(self, command: str | None) -> Any:
-        """Send `command` ('go': run one round; 'stop'), return the child's answer."""
+        """Send `command` ('go': run one round, 'stop', None: nothing) and return the child's answer."""
         if command:
             self.conn.send(command)
         try:
@@ -619,8 +621,8 @@ def _table(head: str, rows: list[list[Any]]) -> list[str]:
 
 def render_markdown(result: BenchResult) -> str:
     """results/perf.md: command and commit first, then summary, contenders, memory, FLOPs, raw rounds."""
-    cfg, env, E, low = result.config, result.environment, result.config.effective_batch_size, result.config.low_precision_rounds
-    cpu, pkg, flags = env["cpu"], env["packages"], env["cpu"]["flags"]
+    cfg, env, E = result.config, result.environment, result.config.effective_batch_size
+    cpu, pkg, flags, low = env["cpu"], env["packages"], env["cpu"]["flags"], cfg.low_precision_rounds
     data = (f"--glue_dir {cfg.glue_dir}" if cfg.glue_dir else f"--train_file {cfg.train_file}") + (
         f", first {cfg.max_train_samples} training examples" if cfg.max_train_samples else "")
     lines = [
