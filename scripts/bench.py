@@ -1,4 +1,4 @@
-"""Throughput benchmark: bert_accum's training loop against a plain Hugging Face-style loop, interleaved in one process.
+"""Throughput benchmark: bert_accum's training loop against a plain Hugging Face-style loop, in interleaved rounds.
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python scripts/bench.py --task_name rte --glue_dir /path/to/glue
 
@@ -56,8 +56,6 @@ def parse(argv=None) -> BenchConfig:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--matmul_size", type=int, help="n of the n x n matmul peak (default 2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--matmul_reps", type=int, default=d.matmul_reps, help=f"timed matmuls (default {d.matmul_reps})")
-    p.add_argument("--bert_base", choices=["auto", "on", "off"], default=d.bert_base,
-                   help="also a random-weight BERT-base pair of contenders (auto: only on a GPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--output", default=d.output, help=f"markdown report to write (default {d.output})")
     a = p.parse_args(argv)
