@@ -34,8 +34,7 @@ from torch import nn
 
 from . import _KIT_NAMES
 from .controls.dropout import DropoutController
-from .controls.loss import micro_loss_scale
-from .core.train import count_items
+from .controls.loss import count_items, micro_loss_scale
 from .core.windows import Window, WindowPlan, window_examples
 from .errors import BertAccumError, DoubleDivisionError
 

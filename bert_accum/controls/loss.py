@@ -45,3 +45,8 @@ def per_item_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str, dtype: 
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, reduction="sum", ignore_index=-100)
         return losses, int((flat_labels != -100).sum())
     return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
+
+
+def count_items(micro_batches: list[dict[str, torch.Tensor]], kind: str) -> int:
+    """Items of collated micro-batches: examples, or predicted (label != -100) tokens for MLM."""
+    return sum(int((b["labels"] != -100).sum()) if kind == "mlm" else len(b["labels"]) for b in micro_batches)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..controls.bugs import BugModes
-from ..controls.loss import micro_loss_scale, per_item_loss
+from ..controls.loss import count_items, micro_loss_scale, per_item_loss
 from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
@@ -224,11 +224,6 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
 
 def _short(ev: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
-
-
-def count_items(micro_batches: list[dict[str, torch.Tensor]], kind: str) -> int:
-    """Items of collated micro-batches: examples, or predicted (label != -100) tokens for MLM."""
-    return sum(int((b["labels"] != -100).sum()) if kind == "mlm" else len(b["labels"]) for b in micro_batches)
 
 
 def accumulate_window(model, micro_batches, *, epoch: int, dropout, kind: str, loss_normalization: str,

@@ -344,7 +344,8 @@ class _Prober:
         return [self.collators[padding](micro[0], everyone, epoch) for micro in window]
 
     def _accumulate(self, model, ctl, comp: _Comp, epoch: int, window) -> None:
-        from ..core.train import accumulate_window, count_items
+        from ..controls.loss import count_items
+        from ..core.train import accumulate_window
         from ..core.windows import window_examples
 
         micro_batches = self._micro_batches(comp, epoch, window)
