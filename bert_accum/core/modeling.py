@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL
+from .config import EMBEDDED_MODEL, EMBEDDED_MODEL_ID
 from ..errors import BertAccumError
 from .tasks import TaskSpec
 
@@ -34,42 +35,92 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer_and_model(model_path: str, task: TaskSpec, objective: str, cache_dir: str | None = None):
-    """(tokenizer, model) for sequence classification/regression or masked-LM from the same weights."""
+def model_id(name_or_path: str) -> str:
+    """How reports name a model: the Hub id of the embedded weights, otherwise what the user passed (never the
+    site-packages folder the embedded weights happen to be installed in)."""
+    return EMBEDDED_MODEL_ID if name_or_path == EMBEDDED_MODEL else name_or_path
+
+
+def load_tokenizer_and_model(model_path: str, task: TaskSpec, objective: str, cache_dir: str | None = None, *,
+                             config_path: str | None = None, tokenizer_path: str | None = None,
+                             revision: str = "main", trust_remote_code: bool = False,
+                             ignore_mismatched_sizes: bool = False, use_fast: bool = True):
+    """(tokenizer, model) for sequence classification/regression or masked-LM from the same weights.
+
+    The keyword arguments are the Hugging Face GLUE example's model flags: `config_path` and `tokenizer_path`
+    (`--config_name`, `--tokenizer_name`; default `model_path`), `revision` (`--model_revision`),
+    `trust_remote_code`, `ignore_mismatched_sizes` (a checkpoint whose head has another number of labels) and
+    `use_fast=False` (`--use_slow_tokenizer`). A classification config carries the task's `id2label`/`label2id`,
+    so a saved model names its classes.
+    """
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     # Loading a bare encoder into a classification head always reports the (expected) fresh head weights.
     hf_logging.set_verbosity_error()
+    hub = {"cache_dir": cache_dir, "revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, use_fast=use_fast, **hub)
         if objective == "mlm":
-            config = AutoConfig.from_pretrained(model_path, cache_dir=cache_dir)
-            model = AutoModelForMaskedLM.from_pretrained(model_path, config=config, cache_dir=cache_dir)
+            config = AutoConfig.from_pretrained(config_path or model_path, **hub)
+            model = AutoModelForMaskedLM.from_pretrained(model_path, config=config,
+                                                         ignore_mismatched_sizes=ignore_mismatched_sizes, **hub)
         else:
+            labels = {}
+            if task.label_names is not None:
+                labels = {"id2label": dict(enumerate(task.label_names)),
+                          "label2id": {name: i for i, name in enumerate(task.label_names)}}
             config = AutoConfig.from_pretrained(
-                model_path,
+                config_path or model_path,
                 num_labels=task.num_labels,
                 problem_type="regression" if task.is_regression else "single_label_classification",
-                cache_dir=cache_dir,
+                **labels,
+                **hub,
             )
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, config=config, cache_dir=cache_dir)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, **hub)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
+        hint = " (HF_HUB_OFFLINE=1 is set: the Hub is not asked, so a Hub id, --model_revision and --token work only " \
+               "from the local cache)" if offline else ""
         raise BertAccumError(
             f"could not load model {model_path!r}{hint}: {first} — pass a local folder or omit --model_name_or_path for the embedded model"
         ) from exc
+    except (RuntimeError, ValueError) as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise BertAccumError(
+            f"model {model_path!r} has weights of other shapes than this task needs (a head for another number of "
+            "labels?); pass --ignore_mismatched_sizes to initialise those afresh"
+        ) from None
     return tokenizer, model
 
 
+# Encoder families whose parameter names per-group gradient norms understand: the base model's attribute name
+# (`<prefix>.embeddings...`, `<prefix>.encoder.layer.<i>...` or DistilBERT's `<prefix>.transformer.layer.<i>...`).
+ENCODER_PREFIXES = ("bert", "distilbert", "roberta", "electra")
+# Top-level modules of those families' task heads (pooler, classifiers, masked-LM heads).
+HEAD_MODULES = ("pooler", "classifier", "pre_classifier", "cls", "lm_head", "vocab_transform", "vocab_layer_norm",
+                "vocab_projector", "generator_predictions", "generator_lm_head", "discriminator_predictions",
+                "qa_outputs")
+_LAYER = re.compile(r"(?:encoder|transformer)\.layer\.(\d+)\.")
+
+
 def parameter_group(name: str) -> str:
-    """Group of a parameter for per-group gradient norms: embeddings, layer_<i>, or head."""
-    if ".embeddings." in f".{name}":
+    """Group of a parameter for per-group gradient norms: embeddings, layer_<i>, or head.
+
+    Recognises BERT, DistilBERT, RoBERTa and ELECTRA names (with or without the base model's prefix, ELECTRA's
+    `embeddings_project` counted with the embeddings); a parameter of any other architecture falls in the group
+    of its top-level module (`transformer`, `score`, ...), so no family is silently lumped into "head".
+    """
+    top, _, rest = name.partition(".")
+    inner = rest if top in ENCODER_PREFIXES else name
+    if inner.startswith(("embeddings.", "embeddings_project.")):
         return "embeddings"
-    marker = "encoder.layer."
-    if marker in name:
-        index = name.split(marker, 1)[1].split(".", 1)[0]
-        return f"layer_{index}"
-    return "head"  # pooler + classifier, or the MLM prediction head
+    layer = _LAYER.match(inner)
+    if layer:
+        return f"layer_{layer.group(1)}"
+    if top in ENCODER_PREFIXES or top in HEAD_MODULES:
+        return "head"
+    return top
