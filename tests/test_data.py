@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from bert_accum.core.data import glue_folder_name, load_raw_splits, write_glue_tsv
+from bert_accum.core.data import glue_folder_name, infer_task, load_raw_splits, write_glue_tsv
 from bert_accum.errors import BertAccumError
 from bert_accum.core.tasks import TASKS, get_task
 
@@ -594,3 +594,55 @@ def test_synthetic_has_no_hub_route(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", must_not_be_called)
     message = load_error("synthetic")
     assert "scripts/make_synthetic.py" in message and "--glue_dir" in message
+
+
+# --------------------------------------------------------------------------------------------
+# A user's own labels: the `custom` task inferred from the training file (as the HF example does)
+# --------------------------------------------------------------------------------------------
+
+
+def test_own_string_labels_are_inferred_sorted_and_loaded(tmp_path, cache_dir):
+    rows = [["a fine film", "pos", "17"], ["a dull film", "neg", "18"], ["so so", "pos", "19"]]
+    train = write_csv(tmp_path / "train.csv", ["review", "sentiment", "id"], rows)
+    dev = write_csv(tmp_path / "dev.csv", ["id", "sentiment", "review"], [["20", "neg", "bad"]])
+    task = infer_task(train, label_column_name="sentiment")
+    assert (task.name, task.label_names, task.is_pair, task.from_data) == ("custom", ("neg", "pos"), False, True)
+    assert task.metric_config == "sst2" and task.main_metric == "accuracy"  # accuracy, like the HF example
+    dd = load_raw_splits(task, train_file=train, validation_file=dev, label_column_name="sentiment", cache_dir=cache_dir)
+    assert dd["train"]["label"] == [1, 0, 1] and dd["validation"]["label"] == [0]
+    assert dd["train"]["sentence1"] == ["a fine film", "a dull film", "so so"]  # "id" is numeric, not text
+
+
+def test_integer_labels_are_classes_by_value_not_positions(tmp_path, cache_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "label": 3}, {"text": "y", "label": 1},
+                                                   {"text": "z", "label": 2}])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "w", "label": 1.0}])
+    task = infer_task(train)
+    assert task.label_names == ("1", "2", "3")
+    dd = load_raw_splits(task, train_file=train, validation_file=dev, cache_dir=cache_dir)
+    assert dd["train"]["label"] == [2, 0, 1] and dd["validation"]["label"] == [0]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "w", "label": 0}])  # 0 is no class of this file
+    with pytest.raises(BertAccumError, match="label 0 is not among the labels of the training file"):
+        load_raw_splits(task, train_file=train, validation_file=bad, cache_dir=cache_dir)
+
+
+def test_float_labels_mean_regression_and_two_text_columns_a_pair(tmp_path, cache_dir):
+    train = write_csv(tmp_path / "train.csv", ["premise", "hypothesis", "score"], [["a", "b", "4.5"], ["c", "d", "1"]])
+    dev = write_csv(tmp_path / "dev.csv", ["premise", "hypothesis", "score"], [["e", "f", "2.25"]])
+    task = infer_task(train, label_column_name="score")
+    assert task.is_regression and task.is_pair and task.metric_config == "stsb" and task.main_metric == "pearson"
+    dd = load_raw_splits(task, train_file=train, validation_file=dev, label_column_name="score", cache_dir=cache_dir)
+    assert dd["train"]["label"] == [4.5, 1.0] and dd["train"]["sentence2"] == ["b", "d"]
+    assert infer_task(train, text_column_names=["premise"], label_column_name="score").is_pair is False
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    ([["a", "pos"], ["b", "pos"]], {}, "single value (pos); a classifier needs two or more classes"),
+    ([["a", "pos"], ["b", ""]], {}, "line 3: missing label"),
+    ([["a", "pos"], ["b", "neg"]], {"label_column_name": "sentiment"}, "no label column 'sentiment'"),
+])
+def test_inference_errors_are_one_line(tmp_path, rows, extra, message):
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], rows)
+    with pytest.raises(BertAccumError) as info:
+        infer_task(train, **extra)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -63,7 +63,12 @@ class TrainConfig:
     """Everything that defines one fine-tuning run; saved verbatim as `config.json` in its run folder."""
 
     # --- data -----------------------------------------------------------------------------------
-    task_name: str | None = _f(None, "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'synthetic'.")
+    task_name: str | None = _f(
+        None,
+        "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), 'synthetic', or 'custom' (also when omitted "
+        "with --train_file): labels, or regression for float labels, and one or two text columns taken from the "
+        "training file, as in the HF example.",
+    )
     glue_dir: str | None = _f(None, "Folder in the official GLUE layout (<glue_dir>/RTE/train.tsv, dev.tsv, ...).")
     train_file: str | None = _f(None, "A csv/tsv/json file with the training data (instead of --glue_dir or the Hub).")
     validation_file: str | None = _f(None, "A csv/tsv/json file with the validation data.")
@@ -234,8 +239,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject values that cannot make a run, with a one-line message each."""
-        if not self.task_name:
-            raise BertAccumError("--task_name is required")
+        if self.train_file is None and not self.task_name:
+            raise BertAccumError("--task_name is required (or give --train_file/--validation_file: the labels are then "
+                                 "taken from the training file)")
+        if self.train_file is None and self.task_name.strip().lower() == "custom":
+            raise BertAccumError("--task_name custom takes its labels from --train_file/--validation_file; give them")
         if self.per_device_train_batch_size < 1:
             raise BertAccumError(f"micro batch size B must be >= 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:

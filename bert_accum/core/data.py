@@ -32,7 +32,7 @@ from typing import Any
 import datasets
 
 from ..errors import BertAccumError
-from .tasks import TaskSpec
+from .tasks import CUSTOM_TASK, TaskSpec, custom_task
 
 logger = logging.getLogger(__name__)
 
@@ -225,10 +225,12 @@ class _Normaliser:
         self.columns: dict[str, list] = {name: [] for name in self.text_names}
         self.columns["label"] = []
         if task.label_names is not None:
-            # Accept both label names and class indices ("0", "1", ...): GLUE uses names for
-            # RTE/QNLI/MNLI and indices elsewhere, and user files may use either.
             self._label_map = {name: i for i, name in enumerate(task.label_names)}
-            self._label_map.update({str(i): i for i in range(len(task.label_names))})
+            if not task.from_data:
+                # Accept both label names and class indices ("0", "1", ...): GLUE uses names for
+                # RTE/QNLI/MNLI and indices elsewhere, and user files may use either. Labels inferred
+                # from a file are its own values, so there an index would be ambiguous ("1" of 1, 2, 3).
+                self._label_map.update({str(i): i for i in range(len(task.label_names))})
 
     def add(self, texts: Sequence[Any], label: Any, where: str) -> None:
         for name, value in zip(self.text_names, texts):
@@ -252,6 +254,13 @@ class _Normaliser:
             if not math.isfinite(value):
                 raise BertAccumError(f"{where}: score {raw!r} is not a finite number (task {task.name})")
             return value
+        if task.from_data:
+            index = self._label_map.get(_label_key(raw))
+            if index is None:
+                raise BertAccumError(
+                    f"{where}: label {raw!r} is not among the labels of the training file ({', '.join(task.label_names)})"
+                )
+            return index
         index = None
         if isinstance(raw, str):
             index = self._label_map.get(raw.strip())
@@ -405,10 +414,10 @@ class _Table:
         return f"{self.path} {self.unit} {self.positions[row]}"
 
 
-def _read_user_file(path_str: str, task: TaskSpec, split: str) -> _Table:
+def _read_user_file(path_str: str, task_name: str, split: str) -> _Table:
     path = Path(path_str)
     if not path.is_file():
-        raise BertAccumError(f"file not found: {path} (split {split!r} of task {task.name})")
+        raise BertAccumError(f"file not found: {path} (split {split!r} of task {task_name})")
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
@@ -560,8 +569,8 @@ def _load_user_files(
     label_column_name: str | None,
 ) -> dict[str, dict[str, list]]:
     label_column = label_column_name or "label"
-    train = _read_user_file(train_file, task, "train")
-    validation = _read_user_file(validation_file, task, "validation")
+    train = _read_user_file(train_file, task.name, "train")
+    validation = _read_user_file(validation_file, task.name, "validation")
     # Chosen on the train file and then required in the validation file, so both splits feed the
     # same fields to the model even if column order differs between the files.
     text_columns = _choose_text_columns(task, train, text_column_names, label_column)
@@ -577,6 +586,81 @@ def _load_user_files(
     for split in task.eval_splits:
         splits[split] = eval_columns
     return splits
+
+
+def _label_key(value: Any) -> str:
+    """A label value as the name it gets in an inferred label set: text stripped, an integral number as its
+    integer (so JSON 1, 1.0 and CSV "1" are one class)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_int_text(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def infer_task(
+    train_file: str, text_column_names: list[str] | None = None, label_column_name: str | None = None
+) -> TaskSpec:
+    """The `custom` task of a user's training file, inferred as the Hugging Face GLUE example infers it.
+
+    * Regression when every label is a number and at least one is written as a float (``3.5``, ``2.0``,
+      JSON ``1.0``: what pandas reads as a float column); otherwise classification over the sorted distinct
+      labels (numerically when all are integers), which become the model's ``id2label``.
+    * Two text columns with ``--text_column_names a b``, with ``sentence1`` and ``sentence2``, or when the file
+      has two or more text columns besides the label (the first two are used, as in the HF example); one
+      otherwise.
+
+    Raises ``BertAccumError`` for a missing label column or value and for fewer than two classes.
+    """
+    table = _read_user_file(train_file, CUSTOM_TASK, "train")
+    label_column = label_column_name or "label"
+    if label_column not in table.names:
+        raise BertAccumError(
+            f"{table.path}: no label column {label_column!r} (found: {', '.join(table.names) or 'none'}); "
+            "name it with --label_column_name"
+        )
+    values = table.data[label_column]
+    for row, value in enumerate(values):
+        if value is _MISSING or value is None or (isinstance(value, str) and not value.strip()):
+            raise BertAccumError(f"{table.where(row)}: missing label")
+    numbers = [v for v in values if (isinstance(v, (int, float)) and not isinstance(v, bool))
+               or (table.textual and isinstance(v, str) and _is_number_text(v))]
+    floats = [v for v in numbers if isinstance(v, float) or (isinstance(v, str) and not _is_int_text(v))]
+    if len(numbers) == len(values) and floats:
+        label_names = None
+    else:
+        keys = {_label_key(v) for v in values}
+        integral = all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and _is_int_text(v)
+                       for v in values)
+        label_names = tuple(sorted(keys, key=int) if integral else sorted(keys))
+        if len(label_names) < 2:
+            raise BertAccumError(
+                f"{table.path}: label column {label_column!r} has a single value ({label_names[0]}); a classifier "
+                "needs two or more classes"
+            )
+    if text_column_names is not None:
+        if not 1 <= len(text_column_names) <= 2:
+            raise BertAccumError(f"--text_column_names takes one or two column names, got {len(text_column_names)}")
+        is_pair = len(text_column_names) == 2
+    elif "sentence1" in table.names and "sentence2" in table.names:
+        is_pair = True
+    else:
+        candidates = [n for n in table.names
+                      if n not in (label_column, "idx") and _is_text_column(table.data[n], table.textual)]
+        if not candidates:
+            raise BertAccumError(f"{table.path}: no text column besides {label_column!r}; name it with --text_column_names")
+        is_pair = len(candidates) >= 2
+    return custom_task(label_names, is_pair)
 
 
 # --------------------------------------------------------------------------------------------

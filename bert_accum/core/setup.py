@@ -11,6 +11,7 @@ initialised, then (with `dropout_seed`) the dropout stream is restarted; nothing
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,8 @@ from ..controls.dropout import DropoutController
 from ..errors import BertAccumError
 from .config import TrainConfig, total_steps
 from .features import Collator, InMemorySplit
-from .tasks import TaskSpec, get_task
+from .modeling import model_id
+from .tasks import TaskSpec, get_task, is_custom
 from .windows import WindowPlan
 
 
@@ -32,6 +34,27 @@ def task_kind(cfg: TrainConfig, task: TaskSpec) -> str:
     return "regression" if task.is_regression else "classification"
 
 
+def resolve_task(cfg: TrainConfig) -> TaskSpec:
+    """The run's task: a named one, or (no --task_name, or `custom`) the one inferred from --train_file."""
+    if cfg.train_file is not None and is_custom(cfg.task_name):
+        from .data import infer_task
+
+        return infer_task(cfg.train_file, cfg.text_column_names, cfg.label_column_name)
+    return get_task(cfg.task_name)
+
+
+def silence_progress_bars() -> None:
+    """Turn off every progress bar a run can show besides its own: datasets' map and loading bars,
+    transformers' (weight loading) and huggingface_hub's (downloads)."""
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def load_model(cfg: TrainConfig):
     """(task, tokenizer, model, model path) with the head initialised from `cfg.seed` and, when
     `cfg.dropout_seed` is given, torch's dropout stream restarted from it."""
@@ -39,10 +62,21 @@ def load_model(cfg: TrainConfig):
 
     from .modeling import load_tokenizer_and_model, resolve_model_path
 
-    task = get_task(cfg.task_name)
+    if cfg.disable_progress_bar:
+        silence_progress_bars()
+    task = resolve_task(cfg)
     set_seed(cfg.seed)  # the fresh classification head is the same for every (B, N) of a seed
     model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer, model = load_tokenizer_and_model(model_path, task, cfg.objective, cfg.cache_dir)
+    tokenizer, model = load_tokenizer_and_model(
+        model_path, task, cfg.objective, cfg.cache_dir,
+        config_path=resolve_model_path(cfg.config_name) if cfg.config_name else None,
+        tokenizer_path=resolve_model_path(cfg.tokenizer_name) if cfg.tokenizer_name else None,
+        revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,
+        ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, use_fast=not cfg.use_slow_tokenizer,
+    )
+    if cfg.use_slow_tokenizer and getattr(tokenizer, "is_fast", False):
+        print(f"[bert_accum] note: --use_slow_tokenizer was passed on as use_fast=False, but this transformers has only "
+              f"fast tokenizers; using {type(tokenizer).__name__}", file=sys.stderr)
     if cfg.dropout_seed is not None:
         # Standard dropout draws from torch's stream, which set_seed(seed) started before the head was
         # initialised; an explicit dropout seed restarts it here, so the masks no longer depend on --seed
@@ -164,7 +198,9 @@ class RunSetup:
             "num_processes": self.num_processes, "effective_batch_size": self.effective_batch_size,
             "optimizer_steps_per_epoch": self.steps.steps_per_epoch, "total_optimizer_steps": self.steps.total,
             "epochs": self.steps.epochs, "num_warmup_steps": self.steps.warmup, "train_examples": len(self.train),
-            "model_path": self.model_path, "task": self.task.name, "synthetic_data": self.task.name == "synthetic",
+            "model": model_id(cfg.model_name_or_path), "model_path": self.model_path, "task": self.task.name,
+            "synthetic_data": self.task.name == "synthetic",
+            "label_names": None if self.task.label_names is None else list(self.task.label_names),
             "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed},
         }
 

@@ -23,6 +23,15 @@ class TaskSpec:
     metrics: tuple[str, ...]  # keys the local GLUE metric module reports for this task
     main_metric: str  # the one headline number per run
     eval_splits: tuple[str, ...] = ("validation",)
+    from_data: bool = False  # labels inferred from the user's training file (`custom`), not a fixed label set
+
+    @property
+    def metric_config(self) -> str:
+        """Configuration of the packaged metric module: the task's own, or for a task inferred from data the
+        one with the same metrics (accuracy for classes, Pearson/Spearman for scores)."""
+        if not self.from_data:
+            return self.name
+        return "stsb" if self.is_regression else "sst2"
 
     @property
     def is_regression(self) -> bool:
@@ -58,11 +67,32 @@ TASKS: dict[str, TaskSpec] = {
 # Accept the spellings users know from the GLUE folders and the Hub ("SST-2", "STS-B", "sts-b").
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb"}
 
+CUSTOM_TASK = "custom"
+"""The task of a user's own --train_file/--validation_file: its label set (or regression) and its one or two
+text columns come from the training file (`bert_accum.core.data.infer_task`), as in the HF GLUE example."""
+
+
+def custom_task(label_names: tuple[str, ...] | None, is_pair: bool) -> TaskSpec:
+    """The `custom` task for a label set (None: regression) and a single- or pair-text layout."""
+    if label_names is None:
+        return TaskSpec(CUSTOM_TASK, is_pair, None, ("pearson", "spearmanr"), "pearson", from_data=True)
+    return TaskSpec(CUSTOM_TASK, is_pair, tuple(label_names), ("accuracy",), "accuracy", from_data=True)
+
+
+def is_custom(name: str | None) -> bool:
+    """True when `name` asks for the labels to be inferred from the training file (omitted, or 'custom')."""
+    return name is None or name.strip().lower() == CUSTOM_TASK
+
 
 def get_task(name: str) -> TaskSpec:
-    """Look a task up by any common spelling; raise a one-line error for an unknown one."""
+    """Look a task up by any common spelling; raise a one-line error for an unknown one.
+
+    'custom' has no fixed label set: it gives a placeholder whose labels `setup.load_model` fills in from the
+    training file (through `data.infer_task`)."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
+    if key == CUSTOM_TASK:
+        return custom_task((), False)
     if key not in TASKS:
         raise BertAccumError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[key]

@@ -25,10 +25,10 @@ _LOADED: dict[str, Any] = {}
 
 
 def load_metric(task: TaskSpec):
-    """Return the ``evaluate.EvaluationModule`` for ``task`` (config name = task name), loaded offline."""
+    """Return the ``evaluate.EvaluationModule`` for ``task`` (config `task.metric_config`), loaded offline."""
     import evaluate  # heavy import; keep ``import bert_accum.core.metrics`` cheap
 
-    return evaluate.load(GLUE_METRIC_PATH, config_name=task.name, keep_in_memory=True)
+    return evaluate.load(GLUE_METRIC_PATH, config_name=task.metric_config, keep_in_memory=True)
 
 
 def _as_1d(values: Any, what: str, task: TaskSpec) -> np.ndarray:
@@ -74,9 +74,9 @@ def compute_metrics(task: TaskSpec, predictions: Sequence[Any], references: Sequ
     else:
         preds = _check_classes(preds, "predictions", task)
         refs = _check_classes(refs, "references", task)
-    metric = _LOADED.get(task.name)
+    metric = _LOADED.get(task.metric_config)
     if metric is None:
-        metric = _LOADED[task.name] = load_metric(task)
+        metric = _LOADED[task.metric_config] = load_metric(task)
     result = metric.compute(predictions=preds.tolist(), references=refs.tolist())
     out = {key: float(result[key]) for key in task.metrics}
     return out
