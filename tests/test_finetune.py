@@ -213,3 +213,91 @@ def test_study_names_are_flags_yaml_keys_and_record_columns(tmp_path, tiny_model
     assert TrainConfig.from_dict({"micro_batch_size": 4, "accumulation_steps": 2}).per_device_train_batch_size == 4
     with pytest.raises(BertAccumError):
         TrainConfig.from_dict({"micro_batch_size": 4, "per_device_train_batch_size": 8})
+
+
+def test_own_csv_with_own_labels_trains_without_task_name(tmp_path, tiny_model_dir, capsys):
+    """A user's CSV with a `sentiment: pos/neg` column: labels inferred from the training file, no --task_name,
+    the saved model names its classes."""
+    rows = [("the movie was good", "pos"), ("the plot was bad", "neg"), ("the cast was great", "pos"),
+            ("the ending was dull", "neg")] * 4
+    train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train.write_text("review,sentiment\n" + "".join(f"{t},{s}\n" for t, s in rows))
+    dev.write_text("review,sentiment\n" + "".join(f"{t},{s}\n" for t, s in rows[:4]))
+    out = tmp_path / "own"
+    assert finetune_main(["--train_file", str(train), "--validation_file", str(dev), "--label_column_name", "sentiment",
+                          "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--max_length", "16",
+                          "--per_device_train_batch_size", "4", "--max_train_steps", "2", "--save_final_model",
+                          "--disable_progress_bar"]) == 0
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["task"] == "custom" and final["label_names"] == ["neg", "pos"] and final["main_metric"] == "accuracy"
+    assert final["eval"]["num_examples"] == 4
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["label2id"] == {"neg": 0, "pos": 1}
+    # the same file under --task_name sst2 is refused: its labels are not SST-2's
+    assert finetune_main(["--task_name", "sst2", "--train_file", str(train), "--validation_file", str(dev),
+                          "--label_column_name", "sentiment", "--model_name_or_path", tiny_model_dir,
+                          "--output_dir", str(tmp_path / "sst2")]) == 2
+    assert "not in the label set of task sst2" in capsys.readouterr().err
+
+
+def test_no_task_name_and_no_files_is_still_an_error(capsys):
+    assert finetune_main(["--output_dir", "/tmp/never"]) == 2
+    assert "--task_name is required (or give --train_file/--validation_file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,flags,expected", [
+    (None, [], "fp32"),
+    ("bf16", [], "bf16"),                       # accelerate launch --mixed_precision bf16, or a bf16 config
+    ("no", [], "fp32"),
+    ("bf16", ["--precision", "fp32"], "fp32"),  # the flag wins, with a note
+    (None, ["--mixed_precision", "bf16"], "bf16"),
+])
+def test_precision_follows_accelerate_unless_given(monkeypatch, capsys, env, flags, expected):
+    from bert_accum.core.config import parse_args
+
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    assert parse_args(["--task_name", "rte", *flags]).precision == expected
+    assert ("overrides accelerate's mixed precision" in capsys.readouterr().err) == (flags == ["--precision", "fp32"])
+
+
+def test_unsupported_accelerate_precision_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    assert finetune_main(["--task_name", "rte", "--output_dir", "/tmp/never"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ACCELERATE_MIXED_PRECISION=fp8")
+
+
+def test_accelerate_launch_bf16_is_obeyed_and_recorded(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """`accelerate launch --mixed_precision bf16 -m bert_accum.cli ...`: the run is bf16 and says so."""
+    out = tmp_path / "bf16"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "bert_accum.cli",
+           *_args(tiny_model_dir, synthetic_glue_dir, out, "--max_train_steps", "1", "--token", "hf_secret123")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["precision"] == "bf16" and environment["accelerate_mixed_precision"] == "bf16"
+    assert "hf_secret123" not in "".join(p.read_text() for p in out.glob("*.json"))  # --token never recorded
+
+
+def test_disable_progress_bar_silences_every_bar(tmp_path, tiny_model_dir, synthetic_glue_dir, capfd):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+    common = _args(tiny_model_dir, synthetic_glue_dir, tmp_path / "a", "--max_train_steps", "1")
+    common.remove("--disable_progress_bar")
+    assert finetune_main(common + ["--cache_dir", str(tmp_path / "c1")]) == 0
+    shown = capfd.readouterr().err
+    assert "Loading weights" in shown and "tokenizing" in shown  # the bars the flag must silence do exist
+    quiet = _args(tiny_model_dir, synthetic_glue_dir, tmp_path / "b", "--max_train_steps", "1", "--cache_dir",
+                  str(tmp_path / "c2"))
+    assert finetune_main(quiet) == 0
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s" not in err and "examples/s" not in err, err

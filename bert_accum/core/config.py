@@ -165,7 +165,13 @@ class TrainConfig:
         "global: sum of per-item losses over the window divided by the window's item count (tokens for mlm).",
         choices=LOSS_NORMALIZATIONS,
     )
-    precision: str = _f("fp32", "fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + loss scaling, GPU) or fp64.", choices=PRECISIONS)
+    precision: str = _f(
+        "fp32",
+        "fp32, bf16 (autocast, CPU or GPU), fp16 (autocast + loss scaling, GPU) or fp64. Not given on the command "
+        "line, it follows accelerate: ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision` and "
+        "an accelerate config file set (no = fp32), else fp32.",
+        choices=PRECISIONS,
+    )
     bug_modes: list[str] = _f(
         [],
         "Reproduce known accumulation bugs so they can be measured: " + ", ".join(BUG_MODES) + ".",
@@ -347,12 +353,15 @@ def _type_of(f: dataclasses.Field) -> Any:
     return str
 
 
-def build_parser(cls: type = TrainConfig, description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(cls: type = TrainConfig, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """argparse parser with one `--flag` per dataclass field, help text and defaults taken from the field."""
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip())
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": default}
+        # argparse %-formats help strings ("%(default)s"), so a literal % ("80% [MASK]") must be doubled.
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"help": help_text, "default": default}
         if str(f.type) == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -375,8 +384,34 @@ _HF_ALIASES = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse command-line flags into a validated TrainConfig (HF spellings like --pad_to_max_length accepted)."""
+ACCELERATE_PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+"""accelerate's mixed-precision names (ACCELERATE_MIXED_PRECISION) -> this config's `precision`."""
+
+
+def accelerate_precision(default: str = "fp32") -> str:
+    """The precision accelerate was asked for: ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets from its
+    --mixed_precision flag or config file; `default` when it is unset (a plain `python` run)."""
+    import os
+
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if not value:
+        return default
+    if value not in ACCELERATE_PRECISIONS:
+        raise BertAccumError(
+            f"ACCELERATE_MIXED_PRECISION={value} (from accelerate launch --mixed_precision or its config) is not "
+            f"supported; use {', '.join(ACCELERATE_PRECISIONS)} there, or pass --precision"
+        )
+    return ACCELERATE_PRECISIONS[value]
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None, description: str | None = None) -> TrainConfig:
+    """Parse command-line flags into a validated TrainConfig (HF spellings like --pad_to_max_length accepted).
+
+    Without --precision (or --mixed_precision) the precision is accelerate's (`accelerate_precision`), so
+    `accelerate launch --mixed_precision bf16` and a bf16 accelerate config are obeyed; config.json records the
+    precision actually used. `--token` is handed to huggingface_hub as HF_TOKEN and never written to the run folder.
+    """
+    import os
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -385,10 +420,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--mixed_precision" and i + 1 < len(argv):
-            arg = f"--mixed_precision={argv[i + 1]}"
+        if arg in ("--mixed_precision", "--token") and i + 1 < len(argv):
+            arg = f"{arg}={argv[i + 1]}"
             i += 1
-        if arg in _HF_ALIASES:
+        if arg.startswith("--token="):
+            os.environ["HF_TOKEN"] = arg.split("=", 1)[1]
+        elif arg in _HF_ALIASES:
             key, value = _HF_ALIASES[arg]
             overrides[key] = value
         elif arg.startswith("--mixed_precision="):
@@ -396,7 +433,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         else:
             rest.append(arg)
         i += 1
-    parser = build_parser()
+    parser = build_parser(prog=prog, description=description)
+    parser.set_defaults(precision=None)  # None: not on the command line, so accelerate's setting decides
+    # Taken out of argv above (so it never reaches config.json); declared here for --help only.
+    parser.add_argument("--token", help="Hugging Face token for private Hub models, handed to huggingface_hub as "
+                                        "HF_TOKEN; never written to the run folder.")
     try:
         ns = parser.parse_args(rest)
     except SystemExit as exc:
@@ -404,7 +445,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             raise BertAccumError("invalid command-line arguments (see the usage line above)") from None
         raise  # --help
     values = vars(ns)
+    values.pop("token")
     values.update(overrides)
+    launched = accelerate_precision(default="")
+    if values["precision"] is None:
+        values["precision"] = launched or "fp32"
+    elif launched and launched != values["precision"]:
+        print(f"[bert_accum] note: --precision {values['precision']} overrides accelerate's mixed precision "
+              f"({launched}, from ACCELERATE_MIXED_PRECISION)", file=sys.stderr)
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     return cfg

@@ -63,10 +63,21 @@ def environment(device: str, num_processes: int, precision: str, extra: dict[str
         "num_processes": num_processes,
         "precision": precision,
         "torch_num_threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+        "command": " ".join([Path(sys.argv[0]).name, *redact_token(sys.argv[1:])]) if sys.argv else None,
     }
     env.update(extra or {})
     return env
+
+
+def redact_token(argv: list[str]) -> list[str]:
+    """`argv` with the value of `--token` (a Hugging Face access token) replaced by `***`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--token="):
+            out[i] = "--token=***"
+        elif arg == "--token" and i + 1 < len(out):
+            out[i + 1] = "***"
+    return out
 
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -176,8 +187,10 @@ class RunRecorder:
         self.steps_log = self.evals_log = None
         if self.main:
             write_json(out / "config.json", {**cfg.to_dict(), "derived": derived})
+            # The accelerator's own mixed-precision mode next to the config's precision: the autocast really used.
             write_json(out / "environment.json", environment(str(accelerator.device), accelerator.num_processes,
-                                                             cfg.precision))
+                                                             cfg.precision,
+                                                             {"accelerate_mixed_precision": accelerator.mixed_precision}))
             keep = resume_at if resume_at is not None else 0
             self.steps_log = JsonlWriter(out / "steps.jsonl", keep_up_to_step=keep)
             self.evals_log = JsonlWriter(out / "eval.jsonl", keep_up_to_step=keep)

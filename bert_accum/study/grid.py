@@ -257,7 +257,8 @@ def check_config_matches(cell: Cell) -> None:
 
 def cell_command(cell: Cell, launcher: str | None = None, python: str | None = None) -> list[str]:
     """The command that runs `cell` from where it stands (fresh, or resumed from its latest checkpoint)."""
-    argv = cell.config.to_argv()
+    # The precision is always spelled out: a launcher's --mixed_precision must not silently change a cell.
+    argv = cell.config.to_argv(always=("task_name", "per_device_train_batch_size", "seed", "precision"))
     status = cell_status(cell)
     if status == "interrupted":
         argv += ["--resume_from_checkpoint", "latest"]
