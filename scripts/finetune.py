@@ -1,11 +1,6 @@
-"""Fine-tune one (B, N) configuration: `accelerate launch scripts/finetune.py --task_name rte --glue_dir ...`.
-
-All flags: `python scripts/finetune.py --help`. The logic lives in bert_accum.core.train.
-"""
-
+"""Fine-tune one (B, N) configuration: `accelerate launch scripts/finetune.py --task_name rte --glue_dir ...`
+(the same as `bert-accum finetune`; the parser and the logic live in the package: bert_accum.cli)."""
 import sys
-
-from bert_accum.cli import finetune_main
-
+from bert_accum.cli import script_main
 if __name__ == "__main__":
-    sys.exit(finetune_main())
+    sys.exit(script_main("finetune", "python scripts/finetune.py"))

@@ -1,12 +1,6 @@
-"""Run a YAML grid of (task, arm, B, N, seed) cells: `python scripts/grid.py configs/study_main.yaml --glue_dir DIR`.
-
-Finished cells are skipped, interrupted ones resume from their last checkpoint; `--dry-run` prints the
-cells. The logic lives in bert_accum.study.grid.
-"""
-
+"""Run a YAML grid of (task, arm, B, N, seed) cells: `python scripts/grid.py configs/study_main.yaml --glue_dir DIR`
+(the same as `bert-accum grid`; the parser and the logic live in the package: bert_accum.study.grid)."""
 import sys
-
-from bert_accum.study.grid import grid_main
-
+from bert_accum.cli import script_main
 if __name__ == "__main__":
-    sys.exit(grid_main())
+    sys.exit(script_main("grid", "python scripts/grid.py"))

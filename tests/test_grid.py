@@ -260,3 +260,43 @@ def test_arm_restrictions_outside_the_grid_are_refused(arm):
 
     with pytest.raises(BertAccumError):
         GridSpec.from_dict({"tasks": ["synthetic"], "batches": [[8, 1]], "seeds": [1], "arms": {"a": arm}})
+
+
+def test_status_reports_a_changed_setting_as_stale(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
+    assert grid_main([str(grid)]) == 0
+    capsys.readouterr()
+    assert grid_main([str(grid), "--status"]) == 0
+    assert capsys.readouterr().out.split("\t")[1] == "finished"
+    assert grid_main([str(grid), "--status", "--set", "learning_rate=0.001"]) == 0
+    index, state, name, why = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert (index, state, name) == ("0", "stale", "synthetic/default/B8_N1/seed1") and "learning_rate" in why
+
+
+def test_dry_run_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`grid.py --dry-run | head -n 1` on a grid whose listing overflows the pipe: no BrokenPipeError traceback."""
+    grid = _grid(tmp_path, "/m", "/g", seeds=list(range(300)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} {REPO / 'scripts/grid.py'} {grid} --dry-run | head -n 1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("0\t") and len(proc.stdout.splitlines()) == 1
+    assert proc.stderr == "", proc.stderr
+
+
+def test_shipped_grid_files_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from bert_accum.study.grid import find_grid_file, packaged_grid_files
+
+    monkeypatch.chdir(tmp_path)
+    names = {p.stem for p in packaged_grid_files()}
+    assert {"study_main", "study_bugs", "study_mlm", "study_mlm_controlled"} <= names
+    for spelling in ("configs/study_main.yaml", "study_main.yaml", "study_main"):
+        assert find_grid_file(spelling).name == "study_main.yaml"
+    assert grid_main(["study_main", "--count"]) == 0 and int(capsys.readouterr().out) > 0
+    assert grid_main(["nope.yaml", "--count"]) == 2
+    err = capsys.readouterr().err
+    assert "grid file not found: nope.yaml" in err and "study_main" in err
+
+
+def test_cells_state_their_precision_so_a_launcher_cannot_change_it(tmp_path):
+    grid = _grid(tmp_path, "/m", "/g", seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
+    assert "--precision fp32" in describe(expand(GridSpec.load(grid))[0], "accelerate launch --mixed_precision bf16")

@@ -350,14 +350,46 @@ def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, 
     return outcomes
 
 
-def grid_main(argv: list[str] | None = None) -> int:
-    """`scripts/grid.py`: expand a grid file and run, list, count or dry-run its cells."""
+def grid_dir() -> Path | None:
+    """The grid files shipped with the package (`bert_accum/configs/` in an installed wheel), or the checkout's
+    `configs/` folder beside the package (an editable install or a clone on PYTHONPATH)."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "configs", package.parent / "configs"):
+        if folder.is_dir() and any(folder.glob("*.yaml")):
+            return folder
+    return None
+
+
+def packaged_grid_files() -> list[Path]:
+    """The shipped grid files (`grid_dir()`), by name."""
+    folder = grid_dir()
+    return sorted(folder.glob("*.yaml")) if folder is not None else []
+
+
+def find_grid_file(name: str) -> Path:
+    """`name` as given when that file exists, else the shipped grid file of that name (`configs/study_main.yaml`,
+    `study_main.yaml` and `study_main` all find it), so the README's commands work from any folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    for shipped in packaged_grid_files():
+        if shipped.name == stem:
+            return shipped
+    names = ", ".join(p.stem for p in packaged_grid_files()) or "none found"
+    raise BertAccumError(f"grid file not found: {name} (relative to {Path.cwd()}); the grid files shipped with "
+                         f"bert_accum are: {names}")
+
+
+def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`bert-accum grid` (`scripts/grid.py`): expand a grid file and run, list, count or dry-run its cells."""
     import argparse
 
     from ..cli import guarded
 
-    p = argparse.ArgumentParser(description="Run a YAML grid of fine-tuning cells (see configs/).")
-    p.add_argument("grid", help="YAML grid file")
+    p = argparse.ArgumentParser(prog=prog, description="Run a YAML grid of fine-tuning cells (see configs/).")
+    p.add_argument("grid", help="YAML grid file, or the name of one shipped with the package (study_main, ...: "
+                                f"{', '.join(f.stem for f in packaged_grid_files())})")
     p.add_argument("--glue_dir", help="local GLUE folder for every cell (default: the grid's own setting, else the Hub)")
     p.add_argument("--runs_dir", help="root of the run folders (default: the grid's runs_dir)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -368,14 +400,16 @@ def grid_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print '<index>\\t<run folder>\\t<command>' per cell and run nothing")
     p.add_argument("--count", action="store_true", help="print the number of cells and exit")
-    p.add_argument("--status", action="store_true", help="print each cell's state (new, stale, interrupted, finished)")
+    p.add_argument("--status", action="store_true",
+                   help="print each cell's state (new, stale, interrupted, finished); a folder made with other settings "
+                        "is stale, with the settings that differ in a fourth column")
     p.add_argument("--keep_going", action="store_true", help="carry on with the other cells when one fails")
     a = p.parse_args(argv)
 
     def go() -> None:
         import yaml
 
-        spec = GridSpec.load(a.grid)
+        spec = GridSpec.load(find_grid_file(a.grid))
         set_values: dict[str, Any] = {}
         for item in a.set:
             if "=" not in item:
@@ -395,9 +429,16 @@ def grid_main(argv: list[str] | None = None) -> int:
             cells = [cells[i] for i in a.cell]
         if a.dry_run or a.status:
             for cell in cells:
-                if a.status:
+                if a.dry_run:
+                    print(describe(cell, a.launcher))
+                    continue
+                try:
                     check_config_matches(cell)
-                print(describe(cell, a.launcher) if a.dry_run else f"{cell.index}\t{cell_status(cell)}\t{cell.name}")
+                except BertAccumError as exc:
+                    # A folder made with other settings is what --status is asked to find, not a reason to stop.
+                    print(f"{cell.index}\tstale\t{cell.name}\t{exc}")
+                    continue
+                print(f"{cell.index}\t{cell_status(cell)}\t{cell.name}")
             return
         outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)
         failed = [name for name, o in outcomes.items() if o.startswith("failed")]

@@ -16,8 +16,13 @@ from ..core.records import git_commit
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that is running, as a user would retype it: `python <script relative to cwd> <args>`."""
+    """The command that is running, as a user would retype it: `python <script relative to cwd> <args>`,
+    `bert-accum <tool> <args>` or `python -m bert_accum <tool> <args>`."""
     argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).name == "bert-accum":
+        return shlex.join(["bert-accum", *argv[1:]])
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "bert_accum":
+        return shlex.join(["python", "-m", "bert_accum", *argv[1:]])
     if argv and argv[0]:
         script = Path(argv[0])
         try:
