@@ -117,9 +117,9 @@ def synthetic_label(sentence: str) -> int:
     return _POLARITY[adjectives[0]] ^ int(negated)
 
 
-def _sentence(rng: random.Random, label: int) -> str:
+def _sentence(rng: random.Random, label: int, negation_rate: float = 0.5) -> str:
     """Draw one sentence of ``label``; negation is drawn first, polarity follows from the rule."""
-    negated = rng.random() < 0.5
+    negated = rng.random() < negation_rate
     positive = bool(label) != negated
     adjective = rng.choice(POSITIVE_ADJECTIVES if positive else NEGATIVE_ADJECTIVES)
     negation = rng.choice(NEGATIONS) if negated else None
@@ -154,13 +154,13 @@ def _word_count(sentence: str) -> int:
     return sum(1 for w in sentence.split() if w not in {",", "."})
 
 
-def _split(rng: random.Random, n: int, seen: set[str]) -> list[tuple[str, int]]:
+def _split(rng: random.Random, n: int, seen: set[str], negation_rate: float = 0.5) -> list[tuple[str, int]]:
     labels = [i % 2 for i in range(n)]  # exactly balanced (the odd one out is 0)
     rng.shuffle(labels)
     rows = []
     for label in labels:
         for _ in range(10_000):
-            sentence = _sentence(rng, label)
+            sentence = _sentence(rng, label, negation_rate)
             if MIN_WORDS <= _word_count(sentence) <= MAX_WORDS and sentence not in seen:
                 break
         else:
@@ -179,18 +179,24 @@ def _write_tsv(path: str, rows: list[tuple[str, int]]) -> None:
     os.replace(tmp, path)
 
 
-def generate_synthetic_glue(out_dir: str, n_train: int = 2000, n_dev: int = 400, seed: int = 0) -> str:
+def generate_synthetic_glue(out_dir: str, n_train: int = 2000, n_dev: int = 400, seed: int = 0,
+                            negation_rate: float = 0.5) -> str:
     """Write the synthetic (not GLUE) task to ``<out_dir>/Synthetic/{train,dev}.tsv``; return ``out_dir``.
 
     Same arguments give the same bytes on every run and platform; different seeds give different data.
+    ``negation_rate`` is the share of negated sentences: at the default 0.5 no word predicts the label; below it
+    the adjective's polarity alone is right 1 - negation_rate of the time, so a model learns part of the task in
+    a few steps and the negations after (the offline demo uses 0.25 to learn within its 30 steps).
     """
+    if not 0.0 <= negation_rate <= 1.0:
+        raise BertAccumError(f"negation_rate must be in [0, 1], got {negation_rate!r}")
     for name, n in (("n_train", n_train), ("n_dev", n_dev)):
         if not isinstance(n, int) or n < 2:
             raise BertAccumError(f"{name} must be an integer >= 2, got {n!r}")
     rng = random.Random(seed)
     seen: set[str] = set()
-    train = _split(rng, n_train, seen)
-    dev = _split(rng, n_dev, seen)
+    train = _split(rng, n_train, seen, negation_rate)
+    dev = _split(rng, n_dev, seen, negation_rate)
     folder = os.path.join(out_dir, SYNTHETIC_DIRNAME)
     os.makedirs(folder, exist_ok=True)
     _write_tsv(os.path.join(folder, "train.tsv"), train)
