@@ -169,7 +169,7 @@ def load_raw_splits(
       ``sentence1``/``sentence2`` if present, else the first one (single-sentence task) or two
       (pair task) non-label text columns of the train file. The label column is
       ``label_column_name`` or ``label``; labels may be names from ``task.label_names`` or class
-      indices. The validation file serves every evaluation split of the task, so for MNLI
+      indices (for the ``custom`` task of :func:`infer_task`: only the training file's own values). The validation file serves every evaluation split of the task, so for MNLI
       ``validation_matched`` and ``validation_mismatched`` hold the same rows (a warning says so).
     * neither: the Hub dataset ``nyu-mll/glue`` (not available for ``synthetic``).
 

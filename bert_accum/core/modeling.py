@@ -80,10 +80,14 @@ def load_tokenizer_and_model(model_path: str, task: TaskSpec, objective: str, ca
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_path, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, **hub)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (HF_HUB_OFFLINE=1 is set: the Hub is not asked, so a Hub id, --model_revision and --token work only " \
-               "from the local cache)" if offline else ""
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            hint = " (HF_HUB_OFFLINE=1 is set: the Hub is not asked, so a Hub id, --model_revision and --token work " \
+                   "only from the local cache)"
+        elif "connect" in str(exc).lower():
+            hint = " (the Hub is unreachable: a Hub id, --model_revision and --token work only from the local cache)"
+        else:
+            hint = ""
         raise BertAccumError(
             f"could not load model {model_path!r}{hint}: {first} — pass a local folder or omit --model_name_or_path for the embedded model"
         ) from exc

@@ -77,6 +77,11 @@ class DemoRun:
         return float(self.final.get("eval", {}).get(self.final.get("main_metric", "accuracy"), math.nan))
 
 
+def _say(line: str) -> None:
+    """Print a progress or answer line at once, also into a pipe (each run takes many seconds)."""
+    print(line, flush=True)
+
+
 def fingerprint_schedule(total_steps: int, points: int = 12) -> list[int]:
     """Step 0 and about `points` steps from 1 to `total_steps`, spaced geometrically: dense where the distance
     grows fastest, and each fingerprint costs a pass over all 22.7M parameters of the embedded model."""
@@ -110,11 +115,12 @@ def demo_runs(out: Path, data_dir: str, grid, *, epochs: int, seed: int, max_len
 def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, n_train: int = 480, n_dev: int = 200,
              epochs: int = 1, seed: int = 0, max_length: int = 48, overwrite: bool = False,
              model_name_or_path: str = "embedded", learning_rate: float = 2e-4, negation_rate: float = NEGATION_RATE,
-             say: Callable[[str], None] = print) -> Path:
+             say: Callable[[str], None] | None = None) -> Path:
     """Run both arms and the floor, write the figure and `<output_dir>/report.md`, print the answer; returns the
     report's path. `grid` holds (B, N) pairs of one effective batch E and must include (E, 1)."""
     from ..core.synthetic import generate_synthetic_glue
 
+    say = say or _say
     grid = tuple((int(b), int(n)) for b, n in grid)
     sizes = {b * n for b, n in grid}
     if len(sizes) != 1:
