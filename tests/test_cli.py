@@ -67,3 +67,12 @@ def test_a_regular_install_carries_the_command_and_the_grid_files(tmp_path):
     assert "bert_accum/configs/accelerate/multi_gpu.yaml" in names and "bert_accum/__main__.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "bert-accum = bert_accum.cli:main" in entry_points
+
+
+def test_the_demo_uses_the_cores_the_load_leaves_idle(monkeypatch):
+    from bert_accum import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    for load, threads in ((0.1, 2), (0.9, 1), (3.5, 1)):
+        monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.idle_cores() == threads

@@ -186,7 +186,7 @@ def generate_synthetic_glue(out_dir: str, n_train: int = 2000, n_dev: int = 400,
     Same arguments give the same bytes on every run and platform; different seeds give different data.
     ``negation_rate`` is the share of negated sentences: at the default 0.5 no word predicts the label; below it
     the adjective's polarity alone is right 1 - negation_rate of the time, so a model learns part of the task in
-    a few steps and the negations after (the offline demo uses 0.25 to learn within its 30 steps).
+    a few steps and the negations after (the offline demo uses 0.25 to learn within its 24 steps).
     """
     if not 0.0 <= negation_rate <= 1.0:
         raise BertAccumError(f"negation_rate must be in [0, 1], got {negation_rate!r}")
