@@ -91,7 +91,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def fingerprint_schedule(total_steps: int, points: int = 12) -> list[int]:
+def fingerprint_schedule(total_steps: int, points: int = 9) -> list[int]:
     """Step 0 and about `points` steps from 1 to `total_steps`, spaced geometrically: dense where the distance
     grows fastest, and each fingerprint costs a pass over all 22.7M parameters of the embedded model."""
     if total_steps <= points:
