@@ -14,6 +14,7 @@ class TrainingProgress:
     def __init__(self) -> None:
         self.optimizer_step = 0
         self.micro_step = 0
+        self.clipped_steps = 0
         self.examples_seen = 0
         self.real_tokens_seen = 0
         self.train_seconds = 0.0

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..controls.bugs import BUG_MODES, BugModes
+from ..controls.bugs import BUG_MODES, BugModes, canonical_bug_names
 from ..errors import BertAccumError
 
 EMBEDDED_MODEL = "embedded"
@@ -295,6 +295,8 @@ class TrainConfig:
             raise BertAccumError(f"unknown config key(s): {', '.join(unknown)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {k: _coerce(fields[k], v) for k, v in values.items()}
+        if values.get("bug_modes"):
+            values["bug_modes"] = canonical_bug_names(values["bug_modes"])
         cfg = cls(**values)
         if cfg.checkpointing_steps is not None:
             cfg.checkpointing_steps = str(cfg.checkpointing_steps)

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         "synthetic_data": s.task.name == "synthetic",
         **s.derived(),
         "optimizer_steps": progress.optimizer_step,
+        "clipped_fraction": progress.clipped_steps / max(progress.optimizer_step, 1),
         "examples_seen": progress.examples_seen,
         "train_seconds": round(progress.train_seconds, 3),
         "examples_per_second": progress.examples_seen / seconds,
@@ -179,6 +181,7 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                 )
                 progress.optimizer_step += 1
                 progress.micro_step += row["micro_steps"]
+                progress.clipped_steps += row["clipped"]
                 progress.examples_seen += row["examples"]
                 progress.real_tokens_seen += row["real_tokens"]
                 seconds = time.perf_counter() - t0
@@ -296,9 +299,11 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     bugs = BugModes.parse(cfg.bug_modes)
     one_over_n = bugs.one_over_n
     after_backward = None
+    micro_clips: list[bool] = []
     if bugs.clip_per_micro_batch and cfg.max_grad_norm and cfg.max_grad_norm > 0:
         def after_backward():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            micro_clips.append(float(norm) > cfg.max_grad_norm)
     acc = accumulate_window(
         model, micro_batches, epoch=epoch, dropout=dropout, kind=kind, loss_normalization=cfg.loss_normalization,
         window_items=window_items, window_examples=len(everyone), accumulation_steps=N, num_processes=W,
@@ -321,10 +326,16 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
         accelerator.unscale_gradients()
     # `groups` is keyed by the bare model's parameter names; under DDP `model` is the wrapper ("module." prefix).
     grad_norm, per_group = _grad_norms(accelerator.unwrap_model(model), groups)
-    clipped = False
+    clipped = any(micro_clips)  # clip_per_micro_batch: clipping acted on some micro-batch of the window
     if cfg.max_grad_norm and cfg.max_grad_norm > 0 and not bugs.clip_per_micro_batch:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         clipped = grad_norm > cfg.max_grad_norm
+    if bugs.scheduler_stepped_per_micro_batch:
+        # The micro-steps of this window stepped the schedule too: all but the last before the update.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(n_micro - 1):
+                scheduler.step()
     lr = scheduler.get_last_lr()[0]
     if before_optimizer_step is not None:
         before_optimizer_step(accelerator.unwrap_model(model), progress.optimizer_step + 1)
