@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 
 from ..controls.bugs import BugModes
 from ..controls.loss import micro_loss_scale, per_item_loss
-from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (TrainingProgress, check_resume_config, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig, total_steps
 from ..errors import BertAccumError, NonFiniteLossError
 from .records import JsonlWriter, create_output_dir, environment, prepare_output_dir, write_json
@@ -176,7 +176,6 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
 
     collate = Collator(train, tokenizer, cfg.padding, cfg.max_length, mlm=cfg.objective == "mlm",
                        mlm_probability=cfg.mlm_probability, seed=cfg.resolved_data_seed)
@@ -184,16 +183,15 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
 
     resume_path = None
     if resuming:
-        resume_path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if not resume_path.is_dir():
-            raise BertAccumError(f"checkpoint folder not found: {resume_path}")
+        resume_path = resolve_checkpoint(out, cfg.resume_from_checkpoint, quiet=not main)
+        check_resume_config(out, resume_path, cfg, W)
 
     # --- the run folder ---------------------------------------------------------------------------
     if main:
         create_output_dir(out, cfg.overwrite_output_dir, resuming)
     accelerator.wait_for_everyone()
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(resume_path, accelerator, model, optimizer, scheduler, progress)
         say(f"[bert_accum] resumed from {resume_path} at optimizer step {progress.optimizer_step}")
     derived = {
         "micro_batch_size": B, "accumulation_steps": N, "num_processes": W, "effective_batch_size": E,
@@ -263,7 +261,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
                 if fingerprinter is not None and step in cfg.fingerprint_steps and main:
                     fingerprinter.record(out, step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    save_checkpoint(accelerator, out / "checkpoints", step)
+                    save_checkpoint(accelerator, out / "checkpoints", step, model, optimizer, scheduler, progress)
                     if main and cfg.checkpoints_total_limit:
                         prune_checkpoints(out, cfg.checkpoints_total_limit)
     except NonFiniteLossError as exc:
