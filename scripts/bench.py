@@ -14,7 +14,7 @@ import shlex
 import sys
 
 from bert_accum.study.bench import BenchConfig, bench_main
-from bert_accum.cli import guarded
+from bert_accum.cli import ArgumentParser, guarded
 
 # Environment variables that change what a run does; they are part of the recorded command.
 _ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
@@ -22,7 +22,7 @@ _ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THR
 
 def parse(argv=None) -> BenchConfig:
     d = BenchConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", default=d.task_name, help=f"GLUE task or 'synthetic' (default {d.task_name})")
     p.add_argument("--glue_dir", help="folder in the official GLUE layout (<glue_dir>/RTE/train.tsv, ...)")
     p.add_argument("--train_file", help="csv/tsv/json training file (with --validation_file)")

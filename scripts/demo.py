@@ -1,13 +1,12 @@
 """The offline demo study: `python scripts/demo.py` (a (B, N) grid of the embedded model on the synthetic task)."""
 
-import argparse
 import sys
 
-from bert_accum.cli import guarded
+from bert_accum.cli import ArgumentParser, guarded
 from bert_accum.study.demo import run_demo
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--output_dir", default="demo_output", help="where the runs and report.md go")
     p.add_argument("--n_train", type=int, default=480, help="synthetic training examples")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per configuration")

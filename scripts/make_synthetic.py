@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from bert_accum.cli import ArgumentParser
 from bert_accum.errors import BertAccumError
 from bert_accum.core.synthetic import SYNTHETIC_DIRNAME, generate_synthetic_glue
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output_dir", required=True, help="GLUE-style data root; files go to <output_dir>/Synthetic/")
     parser.add_argument("--n_train", type=int, default=2000, help="training examples (default 2000)")
     parser.add_argument("--n_dev", type=int, default=400, help="dev examples (default 400)")

@@ -11,12 +11,12 @@ prints the Markdown. The logic lives in bert_accum.study.normstudy.
 import argparse
 import sys
 
-from bert_accum.cli import guarded
+from bert_accum.cli import ArgumentParser, guarded
 from bert_accum.study.normstudy import PRECISIONS, VARIANTS, NormStudyConfig, run_norm_study
 
 
 def parse(argv=None) -> NormStudyConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--effective_batch_size", type=int, default=32, help="E = B*N (default 32)")
     p.add_argument("--micro_batch_sizes", type=int, nargs="+",
                    help="micro batch sizes B, each dividing E (default E, E/2, ..., E/16, at least 2: 32 16 8 4 2)")

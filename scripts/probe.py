@@ -9,12 +9,12 @@ results/probe/<task>) and prints the table. The logic lives in bert_accum.study.
 import argparse
 import sys
 
-from bert_accum.cli import guarded
+from bert_accum.cli import ArgumentParser, guarded
 from bert_accum.study.probe import ARMS, ProbeConfig, run_probe
 
 
 def parse(argv=None) -> ProbeConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="GLUE task (cola, sst2, mrpc, ..., rte) or 'synthetic'")
     p.add_argument("--glue_dir", help="folder in the official GLUE layout")
     p.add_argument("--train_file", help="csv/tsv/json training file (with --validation_file)")

@@ -7,12 +7,12 @@ bert_accum.study.report.
 import argparse
 import sys
 
-from bert_accum.cli import guarded
+from bert_accum.cli import ArgumentParser, guarded
 from bert_accum.study.report import ReportInputs, build_report
 
 
 def parse(argv=None) -> ReportInputs:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dirs", nargs="+", help="grid runs folders (each one study: runs/study, runs/study_bugs, ...)")
     p.add_argument("--probe_dir", default="results/probe", help="folder of probe tables (<task>/probe.csv); '' for none")
     p.add_argument("--batchnorm_dir", default="results/batchnorm", help="folder of the BatchNorm study; '' for none")

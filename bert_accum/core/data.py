@@ -333,7 +333,10 @@ def _load_glue_dir(task: TaskSpec, glue_dir: str) -> dict[str, dict[str, list]]:
 
 def _open_text(path: Path):
     # utf-8-sig strips MRPC's byte-order mark (and any other file's); newline="" as csv requires.
-    return open(path, encoding="utf-8-sig", newline="")
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:  # no permission, a folder where a file should be, ...
+        raise BertAccumError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _read_glue_file(task: TaskSpec, layout: _GlueLayout, path: Path, split: str) -> dict[str, list]:

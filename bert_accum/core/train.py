@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..controls.bugs import BugModes
 from ..controls.loss import count_items, micro_loss_scale, per_item_loss
-from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (TrainingProgress, check_resume_config, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
 from .records import RunRecorder, create_output_dir, prepare_output_dir
@@ -99,20 +100,18 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     accelerator.print(s.arithmetic())
     model, optimizer = accelerator.prepare(s.model, s.optimizer)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(s.scheduler, progress)
     eval_loaders = _eval_loaders(s.tokenized, s.task, s.tokenizer, cfg, accelerator)
 
     resume_path = None
     if resuming:
-        resume_path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if not resume_path.is_dir():
-            raise BertAccumError(f"checkpoint folder not found: {resume_path}")
+        resume_path = resolve_checkpoint(out, cfg.resume_from_checkpoint, quiet=not accelerator.is_main_process)
+        check_resume_config(out, resume_path, cfg, W)
 
     if accelerator.is_main_process:
         create_output_dir(out, cfg.overwrite_output_dir, resuming)
     accelerator.wait_for_everyone()
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(resume_path, accelerator, model, optimizer, s.scheduler, progress)
         accelerator.print(f"[bert_accum] resumed from {resume_path} at optimizer step {progress.optimizer_step}")
     recorder = RunRecorder(out, accelerator, cfg, s.derived(), resume_at=progress.optimizer_step if resuming else None)
     if recorder.fingerprinter is not None and 0 in cfg.fingerprint_steps and progress.optimizer_step == 0:
@@ -206,7 +205,7 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                 if step in cfg.fingerprint_steps:
                     recorder.fingerprint(step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    save_checkpoint(accelerator, recorder.out / "checkpoints", step)
+                    save_checkpoint(accelerator, recorder.out / "checkpoints", step, model, optimizer, s.scheduler, progress)
                     if accelerator.is_main_process and cfg.checkpoints_total_limit:
                         prune_checkpoints(recorder.out, cfg.checkpoints_total_limit)
     except NonFiniteLossError as exc:

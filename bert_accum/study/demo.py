@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..core.config import TrainConfig
-from ..core.records import read_jsonl
+from ..core.records import check_writable_dir, read_jsonl
 from .plumbing import header, provenance
 
 DEFAULT_GRID = ((16, 1), (8, 2), (4, 4))
@@ -25,7 +25,6 @@ def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, 
     """Run the grid and write `<output_dir>/report.md`; returns the report's path."""
     from ..errors import BertAccumError
     from ..core.synthetic import generate_synthetic_glue
-    from ..core.train import run
 
     out = Path(output_dir)
     sizes = {b * n for b, n in grid}
@@ -33,8 +32,13 @@ def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, 
         raise BertAccumError(f"every demo configuration must have the same effective batch, got {sorted(sizes)}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BertAccumError(f"{out} exists and is not empty; pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise BertAccumError(f"epochs must be an integer >= 1, got {epochs!r}")
+    check_writable_dir(out, "--output_dir")
+    # No mkdir here: generate_synthetic_glue checks its sizes before it creates the folder, so bad input leaves none.
     data_dir = generate_synthetic_glue(str(out / "data"), n_train=n_train, n_dev=n_dev, seed=seed)
+    from ..core.train import run  # torch: only once the input is known to be good
+
     finals = {}
     started = time.perf_counter()
     for b, n in grid:

@@ -16,6 +16,11 @@ Parameter distance uses the fingerprints (a count sketch of all parameters, the 
 run): ||f_run(t) - f_ref(t)|| / ||f_ref(t) - f_ref(0)||, the distance to the reference after step t relative
 to how far the reference itself has moved from the initial weights. The *seed floor* is the same quantity
 between the reference runs of two different seeds.
+
+A run folder with final_metrics.json must be whole (config.json and final_metrics.json readable, one steps.jsonl
+row per optimizer step): a damaged one stops the report with a line naming the file, before anything is
+written, rather than being summarised from part of its records. The tables and figures are written into a
+scratch folder that replaces ``<output_dir>/study`` only once everything was produced.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -36,7 +43,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import BertAccumError
-from ..core.records import git_commit, read_jsonl
+from ..core.records import check_writable_dir, git_commit, read_json, read_jsonl, run_problem
 from .plumbing import fmt, header, mean_std, provenance, t_interval, write_csv
 
 _CELL = re.compile(r"B(\d+)_N(\d+)$")
@@ -90,27 +97,41 @@ class Run:
         if self._fingerprints is None:
             from ..core.fingerprint import load_fingerprints
 
-            self._fingerprints = load_fingerprints(self.path) if (self.path / "fingerprints").is_dir() else {}
+            try:
+                self._fingerprints = load_fingerprints(self.path) if (self.path / "fingerprints").is_dir() else {}
+            except (OSError, ValueError, EOFError) as exc:
+                raise BertAccumError(f"{self.path / 'fingerprints'}: unreadable fingerprint ({exc})") from None
         return self._fingerprints
 
 
 def load_runs(roots: Iterable[str | Path]) -> list[Run]:
-    """Every finished run folder below `roots` (folders without final_metrics.json are skipped)."""
+    """Every finished run folder below `roots` (folders without final_metrics.json are skipped).
+
+    A finished folder that is damaged (unreadable JSON, missing config.json, steps.jsonl rows missing or torn,
+    config.json without the fields the report needs) is a one-line BertAccumError naming the file.
+    """
     runs = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise BertAccumError(f"runs folder not found: {root}")
         for final_path in sorted(root.rglob("final_metrics.json")):
             d = final_path.parent
-            cfg = json.loads((d / "config.json").read_text())
-            derived = cfg.get("derived", {})
+            problem = run_problem(d)
+            if problem:
+                raise BertAccumError(f"damaged run folder: {problem}")
+            cfg = read_json(d / "config.json")
+            derived = cfg.get("derived")
+            missing = [k for k in ("micro_batch_size", "accumulation_steps") if not isinstance(derived, dict) or k not in derived]
+            missing += [k for k in ("task_name", "seed") if k not in cfg]
+            if missing:
+                raise BertAccumError(f"{d / 'config.json'}: no {'derived.' if missing[0] in ('micro_batch_size', 'accumulation_steps') else ''}{missing[0]}")
             rel = d.relative_to(root).parts
             arm = rel[-3] if len(rel) >= 3 and _CELL.match(rel[-2]) else _arm_label(cfg)
             runs.append(Run(
                 path=d, study=root.name, task=derived.get("task", cfg["task_name"]), arm=arm,
                 micro_batch_size=derived["micro_batch_size"], accumulation_steps=derived["accumulation_steps"],
                 num_processes=derived.get("num_processes", 1), seed=cfg["seed"], objective=cfg.get("objective", "classification"),
-                final=json.loads(final_path.read_text()), steps=read_jsonl(d / "steps.jsonl"),
+                final=read_json(final_path), steps=read_jsonl(d / "steps.jsonl", strict=True),
             ))
     return runs
 
@@ -413,24 +434,53 @@ class ReportInputs:
 
 
 def build_report(inp: ReportInputs) -> Path:
-    """Write `<output_dir>/REPORT.md` and `<output_dir>/study/*` (tables, CSVs, figures); returns REPORT.md."""
+    """Write `<output_dir>/REPORT.md` and `<output_dir>/study/*` (tables, CSVs, figures); returns REPORT.md.
+
+    Every input is read and checked before anything is written; the study folder is built in a scratch folder
+    renamed into place at the end, so a failure leaves the output folder as it was.
+    """
     runs = load_runs(inp.runs_dirs)
     if not runs:
         raise BertAccumError(f"no finished runs below {', '.join(inp.runs_dirs)}")
+    probes = _load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
+    out = Path(inp.output_dir)
+    check_writable_dir(out, "--output_dir")
     commit = git_commit()
     command = inp.command or "python " + shlex.join(sys.argv)
-    out = Path(inp.output_dir)
     study_dir = out / "study"
-    figdir = study_dir / "figures"
+    created = not out.exists()
+    scratch = out / f".study.partial-{os.getpid()}"
+    try:
+        scratch.mkdir(parents=True)
+        text = _write_study(runs, probes, inp, out, scratch, study_dir, command, commit)
+        _replace_dir(scratch, study_dir)
+        report = out / "REPORT.md"
+        tmp = out / f".REPORT.md.partial-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, report)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        (out / f".REPORT.md.partial-{os.getpid()}").unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_study(runs, probes, inp: ReportInputs, out: Path, scratch: Path, study_dir: Path, command: str,
+                 commit: str | None) -> str:
+    """Tables and figures into `scratch` (to become `study_dir`); returns the REPORT.md text, whose links point
+    at `study_dir`."""
+    figdir = scratch / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
     csv_head, md_head = provenance(command, commit), header(provenance(command, commit), markdown=True)
 
     summaries = summarise(runs)
     curves = distance_curves(runs)
-    write_csv(study_dir / "runs.csv", [_run_row(r) for r in runs], csv_head)
-    write_csv(study_dir / "summary.csv", [vars(s) for s in summaries], csv_head)
+    write_csv(scratch / "runs.csv", [_run_row(r) for r in runs], csv_head)
+    write_csv(scratch / "summary.csv", [vars(s) for s in summaries], csv_head)
     if curves:
-        write_csv(study_dir / "param_distance.csv", curves, csv_head)
+        write_csv(scratch / "param_distance.csv", curves, csv_head)
 
     figures: dict[str, list[Path]] = defaultdict(list)
     for study, task in sorted({(r.study, r.task) for r in runs}):
@@ -439,13 +489,18 @@ def build_report(inp: ReportInputs) -> Path:
         p = plot_paired_diffs(summaries, study, figdir)
         if p:
             figures[study].insert(0, p)
-
-    probes = _load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
-    text = render_report(runs, summaries, curves, probes, figures, out, md_head,
+    final_paths = {study: [study_dir / p.relative_to(scratch) for p in paths] for study, paths in figures.items()}
+    return render_report(runs, summaries, curves, probes, final_paths, out, md_head,
                          Path(inp.batchnorm_dir) if inp.batchnorm_dir else None)
-    report = out / "REPORT.md"
-    report.write_text(text)
-    return report
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put folder `new` in the place of `target` (which may exist): the old one is moved aside, then removed."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_row(r: Run) -> dict[str, Any]:
