@@ -84,11 +84,11 @@ def test_summary_tables_match_hand_computed_values(study):
     # diffs 0.10, 0.11, 0.12: sd 0.01, t(0.975, 2) = 4.3027 -> half-width 4.3027 * 0.01 / sqrt(3) = 0.024841
     assert d.diff_lo == pytest.approx(0.11 - 0.024841, abs=1e-5) and d.diff_hi == pytest.approx(0.11 + 0.024841, abs=1e-5)
     assert d.seed_std == pytest.approx(0.02)  # the (32, 1) accuracies 0.60, 0.62, 0.64
-    assert d.beyond_seed_noise == "yes" and d.reference == "default B32_N1"
+    assert d.ci_excludes_zero and d.reference == "default B32_N1"
     # distance 0.5*s from a reference that moved s: 0.5 for every seed
     assert d.rel_param_distance == pytest.approx(0.5) and d.rel_param_distance_std == pytest.approx(0.0)
     c = rows[("study", "controlled", 8)]
-    assert c.diff_mean == pytest.approx(0.0) and c.beyond_seed_noise == "no" and c.rel_param_distance == 0.0
+    assert c.diff_mean == pytest.approx(0.0) and not c.ci_excludes_zero and c.rel_param_distance == 0.0
     ref = rows[("study", "default", 32)]
     assert ref.n_pairs == 0 and math.isnan(ref.diff_mean)
     bug = rows[("study_bugs", "bug_clip_per_micro_batch", 8)]
@@ -120,9 +120,12 @@ def test_report_files_are_written_with_headers_and_numbers(study):
     assert text.startswith("<!-- command: python scripts/report.py runs/study runs/study_bugs | git_commit: ")
     assert "leaves -16 in `.grad`" in text and "giving -20" in text and "from 1 to 1.2 accumulated and to 1.2 as" in text
     assert "| rte | default | 8 | 4 | accuracy | 3 | 0.7300 ± 0.0300 | 0.1100 | [0.0852, 0.1348] | 0.0200 | yes |" in text
-    assert "Of 2 paired comparisons in `study`, 1 differ beyond seed noise" in text
+    # superseded: the "beyond seed noise" verdict; an early study now says only whether the interval excludes 0
+    assert ("After 4 optimizer steps 1 of 2 paired (B, N) cells in `study` have a 95% interval of the paired "
+            "difference that excludes 0 (n = 3 seeds per cell): rte.default.B8_N4.") in text
     assert "clip_per_micro_batch" in text and "| 5 | 4 |" in text  # the bug's optimizer steps vs the correct loop's
-    assert "rte: 1.000–1.000" in text  # probe ratio for dropout RNG
+    # a range whose ends print the same prints once (was "rte: 1.000–1.000")
+    assert "rte: 1.000 of the seed floor" in text and "1.000–1.000" not in text
     for fig in ("paired_diff_study.png", "grad_norm_study_rte.png", "param_distance_study_rte.png"):
         path = out / "study/figures" / fig
         assert path.stat().st_size > 1000 and f"(study/figures/{fig})" in text
@@ -148,3 +151,177 @@ def test_a_missing_large_batch_run_leaves_its_seed_unpaired_and_diverged_runs_ar
     assert ctl.n == 3 and ctl.n_pairs == 2 and ctl.reference == "controlled B32_N1"  # not mixed with `default`
     d = rows[("default", 8)]
     assert d.non_finite == 1 and d.n_pairs == 2 and d.diff_mean == pytest.approx(0.11)  # seeds 1 and 3: 0.10, 0.12
+
+
+# ------------------------------------------------------------------------------------------ converged study
+# A grid shaped like configs/study_converged.yaml, smaller: one effective batch (8) and its question pair (2, 4).
+GRID = """
+name: conv
+runs_dir: runs/conv
+tasks: [sst2, stsb]
+batches: [[8, 1], [2, 4]]
+seeds: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+seed_offsets: {dropout_seed: 0}
+arms:
+  default: {}
+  controlled: {dropout: invariant, padding: window, loss_normalization: global, seeds: [1, 2, 3]}
+  floor_dropout: {batches: [[8, 1]], seed_offsets: {dropout_seed: 1000}}
+  floor_data: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {data_seed: 1000}}
+  floor_init: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {seed: 1000, data_seed: 0}}
+  floor_all: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {seed: 1000, data_seed: 1000, dropout_seed: 1000}}
+shared: {learning_rate: 1.0e-4, eval_steps: 0.5}
+task_overrides:
+  sst2: {max_train_samples: 64}
+  stsb: {max_train_examples: 64}
+equivalence_margins: {sst2: {accuracy: 0.01}, stsb: {pearson: 0.01}}
+reference_thresholds: {sst2: {accuracy: 0.78}, stsb: {pearson: 0.70}}
+"""
+# Paired differences (2, 4) - (8, 1) and dropout-only floor differences, by seed 1..10.
+ACC_DIFFS = [0.002, -0.001, 0.003, 0.000, 0.001, 0.002, -0.001, 0.003, 0.000, 0.001]
+FLOOR_DIFFS = [-0.002, 0.001, -0.003, 0.000, -0.001, 0.002, -0.001, 0.003, 0.000, 0.001]
+DEV_LABELS = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]  # majority class: 6 of 10
+
+
+def _final_metric(task: str, arm: str, n: int, seed: int) -> float:
+    ref = (0.80 if task == "sst2" else 0.75) + 0.001 * seed
+    if arm == "default" and n > 1:
+        return ref + ACC_DIFFS[seed - 1]
+    if arm == "floor_dropout":
+        return ref + FLOOR_DIFFS[seed - 1]
+    if arm == "floor_all" and seed == 5:
+        return 0.55 if task == "sst2" else -0.02  # a failed run: at the majority baseline's side / below Pearson 0
+    if arm in ("floor_data", "floor_init", "floor_all"):
+        return ref + 0.004 * (-1) ** seed
+    return ref  # (8, 1) references, and the exact controlled arm
+
+
+def _predictions(task: str, arm: str, n: int, seed: int) -> list:
+    if task == "stsb":
+        base = [float(i) for i in range(10)]
+        if arm == "default" and n > 1:
+            base[0] += 0.3  # RMS difference sqrt(0.09 / 10)
+        return base
+    preds = list(DEV_LABELS)
+    if arm == "default" and n > 1:
+        preds[0] = 0  # 1 of 10 labelled differently
+    if arm == "floor_dropout":
+        preds[0], preds[9] = 0, 1  # 2 of 10
+    return preds
+
+
+def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: set[str] = frozenset()) -> tuple[Path, Path, Path]:
+    """Run folders for every planned cell of GRID (except `skip`; `unfinished` ones without final metrics), a GLUE
+    folder with the SST-2 dev labels, and the grid file; returns (runs root, grid file, GLUE folder)."""
+    from bert_accum.core.data import write_glue_tsv
+    from bert_accum.study.grid import GridSpec, expand
+
+    glue = tmp_path / "glue"
+    write_glue_tsv(glue / "SST-2" / "dev.tsv", ["sentence", "label"], [[f"s{i}", str(y)] for i, y in enumerate(DEV_LABELS)])
+    grid = tmp_path / "conv.yaml"
+    grid.write_text(GRID)
+    root = tmp_path / "runs" / "conv"
+    for cell in expand(GridSpec.load(grid), runs_dir=str(root), set_values={"glue_dir": str(glue)}):
+        if cell.name in skip:
+            continue
+        cfg, b, n = cell.config, cell.micro_batch_size, cell.accumulation_steps
+        d = cell.run_dir
+        d.mkdir(parents=True)
+        steps = 8
+        derived = {"micro_batch_size": b, "accumulation_steps": n, "num_processes": 1, "effective_batch_size": b * n,
+                   "task": cell.task, "total_optimizer_steps": steps, "train_examples": 64, "epochs": 1,
+                   "num_warmup_steps": 0, "model_path": "/site-packages/tiny_model/model",
+                   "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed}}
+        (d / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}))
+        (d / "environment.json").write_text(json.dumps({"device": "cpu", "device_name": "test-cpu", "git_commit": "abc123",
+                                                        "python": "3.11", "torch_num_threads": 1,
+                                                        "packages": {"torch": "2.13", "transformers": "5.24"}}))
+        (d / "steps.jsonl").write_text("".join(json.dumps({"optimizer_step": s, "loss": 0.5, "grad_norm": 1.0,
+                                                           "learning_rate": 1e-4}) + "\n" for s in range(1, steps + 1)))
+        if cell.name in unfinished:
+            continue
+        metric_name = "accuracy" if cell.task == "sst2" else "pearson"
+        m = _final_metric(cell.task, cell.arm, n, cell.seed)
+        (d / "eval.jsonl").write_text(json.dumps({metric_name: m - 0.1, "optimizer_step": 4}) + "\n"
+                                      + json.dumps({metric_name: m, "optimizer_step": steps}) + "\n")
+        (d / "predictions.json").write_text(json.dumps({"optimizer_step": steps, "splits": {
+            "validation": _predictions(cell.task, cell.arm, n, cell.seed)}}))
+        (d / "final_metrics.json").write_text(json.dumps({
+            "status": "completed", "main_metric": metric_name, "eval": {metric_name: m, "num_examples": 10},
+            "optimizer_steps": steps, "train_seconds": 36.0, "examples_per_second": 2.0, "device": "cpu"}))
+    return root, grid, glue
+
+
+@pytest.fixture()
+def converged(tmp_path):
+    return write_converged(tmp_path)
+
+
+def _numbers(root: Path, grid: Path, glue_dir: str | None = None) -> dict:
+    from bert_accum.study import numbers
+    from bert_accum.study.report import load_converged
+
+    return numbers.compute([load_converged(root, grid)], [], {}, None, "command: test | git_commit: x", glue_dir=glue_dir)
+
+
+def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
+    root, grid, _ = converged
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # ACC_DIFFS: mean 0.001, sd sqrt(20e-6 / 9) = 0.00149071, se 0.000471405; t(0.95, 9) = 1.833113
+    assert nums[f"{p}.n"] == 10 and nums[f"{p}.required"] == 10 and nums[f"{p}.headline"]
+    assert nums[f"{p}.tost.mean"] == pytest.approx(0.001, abs=1e-9)
+    assert nums[f"{p}.tost.ci90_low"] == pytest.approx(0.001 - 1.833113 * 0.000471405, abs=1e-8)
+    assert nums[f"{p}.tost.ci90_high"] == pytest.approx(0.001 + 1.833113 * 0.000471405, abs=1e-8)
+    assert nums[f"{p}.verdict"] == "equivalent" and nums[f"{p}.tost.margin"] == 0.01
+    # the floors are found by which seeds their planned runs change against the default (8, 1) reference
+    assert nums["conv.sst2.e8.floors"] == ["dropout", "data", "init", "all"]
+    assert nums["conv.sst2.e8.floor.init.arm"] == "floor_init" and nums["conv.sst2.e8.floor.init.varied"] == ["seed"]
+    assert nums["conv.sst2.e8.floor.all.varied"] == ["data_seed", "dropout_seed", "seed"]
+    assert nums["conv.sst2.e8.floor.dropout.n"] == 10 and nums["conv.sst2.e8.floor.dropout.mean"] == pytest.approx(0.0, abs=1e-9)
+    # floor_data: +-0.004 alternating over seeds 1..5 -> mean |diff| 0.004
+    assert nums["conv.sst2.e8.floor.data.abs_mean"] == pytest.approx(0.004)
+    # spread: ACC_DIFFS and FLOOR_DIFFS have sums of squares 20e-6 and 30e-6 about their means 0.001 and 0
+    assert nums[f"{p}.spread.var_ratio"] == pytest.approx(20 / 30)
+    assert nums[f"{p}.spread.reading"] == "same spread, zero mean: a dropout re-seed (variance, not bias)"
+    # disagreement: 1 of 10 labels vs 2 of 10 for the dropout floor
+    assert nums[f"{p}.disagreement.mean"] == pytest.approx(0.1) and nums[f"{p}.disagreement.floor_mean"] == pytest.approx(0.2)
+    assert nums[f"{p}.disagreement.ratio"] == pytest.approx(0.5)
+    assert nums["conv.stsb.e8.pair.default.B2_N4.disagreement.mean"] == pytest.approx(math.sqrt(0.09 / 10))
+    # the exact arm: planned 3 seeds, all differences 0 -> equivalent at n = 3 of 3
+    c = "conv.sst2.e8.pair.controlled.B2_N4"
+    assert (nums[f"{c}.n"], nums[f"{c}.required"], nums[f"{c}.verdict"]) == (3, 3, "equivalent")
+    # failures: majority class 0.6 from the dev labels; floor_all seed 5 at 0.55 fails, stays in the table
+    assert nums["conv.sst2.baseline"] == pytest.approx(0.6) and nums["conv.sst2.baseline_rule"] == "majority"
+    cell = "conv.sst2.e8.cell.floor_all.B8_N1"
+    assert (nums[f"{cell}.finished"], nums[f"{cell}.failed"], nums[f"{cell}.failed_seeds"]) == (5, 1, [5])
+    assert nums[f"{cell}.failure_rate"] == pytest.approx(0.2)
+    assert nums["conv.stsb.baseline"] == 0.0 and nums["conv.stsb.e8.cell.floor_all.B8_N1.failed"] == 1
+    # the reference bar: every (8, 1) reference of sst2 is at 0.801..0.810 >= 0.78; stsb's 0.751..0.760 >= 0.70
+    assert nums["conv.sst2.e8.cell.default.B8_N1.cleared"] == 10 and nums["conv.stsb.e8.cell.default.B8_N1.cleared"] == 10
+    # the answer: all headline comparisons decided, variance not bias; the exact arm's switches from its configs
+    assert nums["answer.state"] == "variance" and nums["answer.equivalent"] == 2
+    assert nums["answer.exact_arm"] == "controlled"
+    assert set(nums["answer.exact_switches"]) == {"--dropout invariant", "--padding window", "--loss_normalization global"}
+    # how the runs were made: from config.json / environment.json
+    assert nums["conv.sst2.setup.learning_rate"] == 1e-4 and nums["conv.sst2.setup.max_train_samples"] == 64
+    assert nums["conv.stsb.setup.max_train_examples"] == 64 and nums["conv.setup.devices"] == "test-cpu"
+    assert nums["conv.sst2.e8.setup.total_optimizer_steps"] == 8
+    assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
+
+
+def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tmp_path):
+    skip = {"sst2/default/B2_N4/seed9", "sst2/default/B2_N4/seed10", "stsb/floor_dropout/B8_N1/seed3"}
+    root, grid, _ = write_converged(tmp_path, skip=skip, unfinished={"sst2/default/B8_N1/seed8"})
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # seeds 8 (reference unfinished), 9 and 10 (not started) are missing: 7 pairs, whatever their TOST says
+    assert nums[f"{p}.n"] == 7 and nums[f"{p}.missing_seeds"] == [8, 9, 10]
+    assert nums[f"{p}.tost.verdict"] == "equivalent" and nums[f"{p}.verdict"] == "not yet decidable (n = 7 of 10)"
+    assert nums[f"{p}.spread.reading"] == "not yet decidable (n = 7 of 10)"
+    # 2 tasks x (20 default + 6 controlled + 10 + 3 x 5 floor runs) = 102 planned
+    assert (nums["conv.planned"], nums["conv.finished"], nums["conv.unfinished"], nums["conv.missing"]) == (102, 98, 1, 3)
+    assert nums["conv.unfinished_names"] == ["sst2/default/B8_N1/seed8"]
+    cell = "conv.sst2.e8.cell.default.B8_N1"
+    assert nums[f"{cell}.unfinished_seeds"] == [8] and nums[f"{cell}.missing_seeds"] == []
+    assert nums["conv.stsb.e8.floor.dropout.n"] == 9
+    assert nums["answer.state"] == "undecided" and nums["answer.undecided"] == 1 and nums["answer.equivalent"] == 1

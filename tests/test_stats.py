@@ -91,7 +91,9 @@ def test_zero_mean_tests_by_hand():
 def test_a_wider_spread_than_the_floor_is_not_read_as_a_reseed():
     s = stats.spread([10.0, -10.0, 20.0, -20.0, 0.0, 15.0, -15.0], [0.1, -0.1, 0.2, -0.2, 0.0, 0.15, -0.15])
     assert s.var_ratio == pytest.approx(10000.0) and s.var_ratio_low > 1
-    assert stats.reading(s) == "spread unlike the dropout floor"
+    assert stats.reading(s) == "larger spread than the dropout floor"
+    exact = stats.spread([0.0, 0.0, 0.0], [0.1, -0.1, 0.2, -0.2])
+    assert exact.var_ratio == 0.0 and stats.reading(exact) == "smaller spread than the dropout floor"
     assert stats.reading(stats.spread([1.0], [1.0, 2.0])) == "not decidable"
 
 
@@ -103,3 +105,11 @@ def test_disagreement_and_trivial_baseline():
     assert stats.majority_rate([0, 1, 1, 1]) == 0.75
     assert stats.failed(0.75, 0.75) and stats.failed(float("nan"), 0.5) and not stats.failed(0.76, 0.75)
     assert stats.failed(-0.1, 0.0) and not stats.failed(0.3, float("nan"))
+
+
+def test_trivial_baseline_per_metric():
+    labels = [0, 1, 1, 1]
+    assert stats.trivial_baseline("accuracy", labels) == 0.75
+    assert stats.trivial_baseline("f1", labels) == pytest.approx(2 * 0.75 / 1.75)
+    assert stats.trivial_baseline("pearson", None) == 0.0 and stats.trivial_baseline("matthews_correlation", None) == 0.0
+    assert math.isnan(stats.trivial_baseline("accuracy", None)) and math.isnan(stats.trivial_baseline("masked_accuracy", labels))

@@ -23,8 +23,9 @@ Definitions
     scipy's default ``wilcox`` rule does) of the paired differences.
   * **Disagreement** of two runs' dev predictions: for classification the fraction of dev examples whose
     predicted labels differ; for regression the root mean square difference of the predictions.
-  * **Trivial baseline**: majority-class accuracy of the dev labels for classification; Pearson 0 (a constant
-    predictor) for regression. A run fails when its final metric is at or below it, or is not finite.
+  * **Trivial baseline**: the best score of a constant predictor on the dev labels: majority-class accuracy,
+    F1 of always predicting the positive class, 0 for a correlation (Pearson, Spearman, Matthews). A run fails
+    when its final metric is at or below it, or is not finite.
 """
 
 from __future__ import annotations
@@ -197,8 +198,10 @@ def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
 
 
 def reading(s: Spread, alpha: float = 0.05) -> str:
-    """What the spread and mean tests say: 'nonzero mean (bias)', 'spread unlike the dropout floor', or
-    'same spread, zero mean: a dropout re-seed (variance, not bias)'; 'not decidable' below two per sample."""
+    """What the spread and mean tests say, first that applies: 'nonzero mean (bias)' (t or Wilcoxon p < alpha);
+    'smaller' / 'larger spread than the dropout floor' (the variance ratio's interval below / above 1) or 'spread
+    unlike the dropout floor' (Brown-Forsythe p < alpha only); else 'same spread, zero mean: a dropout re-seed
+    (variance, not bias)'. 'not decidable' below two values per sample."""
     if s.n < 2 or s.n_floor < 2:
         return "not decidable"
     mean_shown = s.t_p < alpha or (not math.isnan(s.wilcoxon_p) and s.wilcoxon_p < alpha)
@@ -206,6 +209,10 @@ def reading(s: Spread, alpha: float = 0.05) -> str:
     if mean_shown:
         return "nonzero mean (bias)"
     if spread_shown:
+        if s.var_ratio_high < 1:
+            return "smaller spread than the dropout floor"
+        if s.var_ratio_low > 1:
+            return "larger spread than the dropout floor"
         return "spread unlike the dropout floor"
     return "same spread, zero mean: a dropout re-seed (variance, not bias)"
 
@@ -226,6 +233,26 @@ def majority_rate(labels: Sequence[Any]) -> float:
     if not labels:
         return NAN
     return Counter(labels).most_common(1)[0][1] / len(labels)
+
+
+# Metrics whose best constant predictor scores 0 whatever the labels (a constant has no correlation).
+ZERO_BASELINE_METRICS = ("pearson", "spearmanr", "matthews_correlation")
+
+
+def trivial_baseline(metric: str, labels: Sequence[Any] | None) -> float:
+    """The best score of a constant predictor: majority-class rate for accuracy, F1 of always predicting class 1
+    (2p / (1 + p) with p its share) for f1, 0 for correlations; NaN when it needs labels that are not given or the
+    metric has no such baseline here."""
+    if metric in ZERO_BASELINE_METRICS:
+        return 0.0
+    if not labels:
+        return NAN
+    if metric == "accuracy":
+        return majority_rate(labels)
+    if metric == "f1":
+        p = sum(1 for x in labels if x == 1) / len(labels)
+        return 2 * p / (1 + p)
+    return NAN
 
 
 def failed(metric: float, baseline: float) -> bool:
