@@ -325,3 +325,142 @@ def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tm
     assert nums[f"{cell}.unfinished_seeds"] == [8] and nums[f"{cell}.missing_seeds"] == []
     assert nums["conv.stsb.e8.floor.dropout.n"] == 9
     assert nums["answer.state"] == "undecided" and nums["answer.undecided"] == 1 and nums["answer.equivalent"] == 1
+
+
+def _build(root: Path, grid: Path, out: Path, **kw):
+    return build_report(ReportInputs(runs_dirs=[str(root)], grids=[str(grid)], probe_dir=kw.pop("probe_dir", None),
+                                     batchnorm_dir=None, output_dir=str(out), command="python scripts/report.py x", **kw))
+
+
+def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tmp_path):
+    import re
+
+    root, grid, _ = write_converged(tmp_path, skip={"sst2/default/B2_N4/seed10"})
+    report = _build(root, grid, tmp_path / "out")
+    text = report.read_text()
+    nums = json.loads((tmp_path / "out" / "numbers.json").read_text())
+    assert nums["provenance"].startswith("command: python scripts/report.py x | git_commit: ")
+    answer = text.index("## The answer")
+    assert answer < text.index("## How the runs were made") < text.index("## 1. The converged study `conv`")
+    lines = text[answer:text.index("## How the runs were made")].strip().splitlines()[2:]
+    assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
+    # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
+    assert "1. **Not yet decidable.** 19 of the 20 headline pairs are in (n = 9–10 of 10 per comparison)" in text
+    assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
+    assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
+    assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
+    # how the runs were made comes from config.json / environment.json, not from prose
+    assert "learning rate 0.0001 (linear" in text and "max_train_samples 64" in text and "on test-cpu at commit(s) abc123" in text
+    assert "missing seeds" in text and "| sst2 | 8 | default | (2, 4) | 10 | 9 | none | 10 |" in text
+    assert "- sst2: trivial baseline 0.6000 (accuracy of the majority class over the 10 dev labels" in text
+    # no range whose two ends print the same, no unfilled field
+    assert not re.search(r"(?<![\w.])(-?[\d.e+-]+)–\1(?![\w.])", text) and "{" not in text
+    for fig in ("forest_conv.png", "scatter_conv.png", "curves_conv.png"):
+        assert (tmp_path / "out/study/figures" / fig).stat().st_size > 1000 and f"(study/figures/{fig})" in text
+    tost = (tmp_path / "out/study/conv_tost.csv").read_text().splitlines()
+    assert tost[0].startswith("# command: python scripts/report.py x | git_commit: ") and len(tost) == 2 + 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "steps.jsonl").write_text('{"optimizer_step": 1}\n{"optimizer_step": 2\n{"optimizer_step": 3}\n'),
+     "steps.jsonl line 2: not valid JSON"),
+    (lambda d: (d / "config.json").unlink(), "final_metrics.json without config.json"),
+    (lambda d: (d / "predictions.json").write_text('{"optimizer_step": 8,\n "splits": }'), "predictions.json line 2: not valid JSON"),
+    (lambda d: (d / "eval.jsonl").write_text('{"accuracy": 0.8}\n\n'), "eval.jsonl line 2: not valid JSON"),
+])
+def test_a_malformed_run_folder_is_refused_before_anything_is_written(converged, tmp_path, damage, message):
+    from bert_accum.errors import BertAccumError
+
+    root, grid, _ = converged
+    damage(root / "sst2/default/B2_N4/seed3")
+    with pytest.raises(BertAccumError, match=message) as err:
+        _build(root, grid, tmp_path / "out")
+    assert "\n" not in str(err.value) and "sst2/default/B2_N4/seed3" in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_runs_that_differ_beyond_the_compared_factor_are_never_paired(study, converged, tmp_path):
+    from bert_accum.errors import BertAccumError
+
+    # early-training study (no grid): the (8, 4) run of seed 2 was made with another learning rate than its cell ...
+    def set_lr(seed: int) -> None:
+        path = study / f"runs/study/rte/default/B8_N4/seed{seed}/config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "learning_rate": 5e-5}))
+
+    set_lr(2)
+    with pytest.raises(BertAccumError, match=r"refusing to pair .*B8_N4/seed2 with .*B8_N4/seed1: besides "
+                                             r"data_seed, dropout_seed, seed they differ in learning_rate"):
+        summarise(load_runs([study / "runs/study"]))
+    # ... and the whole (8, 4) cell with another one than its (32, 1) reference
+    set_lr(1)
+    set_lr(3)
+    with pytest.raises(BertAccumError, match=r"refusing to pair .*B8_N4/seed1 with .*B32_N1/seed1: besides "
+                                             r"accumulation_steps, micro_batch_size they differ in learning_rate"):
+        summarise(load_runs([study / "runs/study"]))
+    # converged study: a run whose settings are not its grid cell's (another data source size)
+    root, grid, _ = converged
+    path = root / "stsb/floor_data/B8_N1/seed2/config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "max_train_examples": 128}))
+    with pytest.raises(BertAccumError, match="other settings than its cell .*max_train_examples"):
+        _build(root, grid, tmp_path / "out")
+
+
+def test_figures_are_moved_into_place_whole_or_not_at_all(converged, tmp_path, monkeypatch):
+    from bert_accum.study import figures
+
+    root, grid, _ = converged
+    out = tmp_path / "out"
+    _build(root, grid, out)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "study/figures").iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib fell over")
+
+    monkeypatch.setattr(figures, "curves", broken)
+    with pytest.raises(RuntimeError):
+        _build(root, grid, out)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "study/figures").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(RuntimeError):
+        _build(root, grid, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_default_output_is_a_new_folder_under_reports(converged, tmp_path, monkeypatch):
+    root, grid, _ = converged
+    monkeypatch.chdir(tmp_path)
+    report = build_report(ReportInputs(runs_dirs=[str(root)], grids=[str(grid)], probe_dir=None, batchnorm_dir=None,
+                                       command="x"))
+    assert report.parent.parent == Path("reports") and report.is_file()
+
+
+def test_cli_help_exits_zero():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--output_dir" in done.stdout and "--grid" in done.stdout
+
+
+def test_a_probe_table_holds_one_task(tmp_path):
+    from bert_accum.errors import BertAccumError
+    from bert_accum.study.report import read_probe
+
+    path = tmp_path / "probe.csv"
+    path.write_text("task,objective,arm,rel_l2,ratio_to_floor\nrte,classification,default,0.5,1.0\n"
+                    "sst2,classification,default,0.4,0.9\n")
+    with pytest.raises(BertAccumError, match="one probe table per task"):
+        read_probe(path)
+
+
+def test_the_committed_early_tables_are_read_back():
+    from bert_accum.study.report import read_early_tables
+
+    root = Path(__file__).resolve().parents[1] / "results" / "study"
+    studies = {s.name: s for s in read_early_tables(root)}
+    assert sorted(studies) == ["study", "study_bugs"]
+    bug = next(s for s in studies["study_bugs"].summaries if s.arm == "bug_scheduler_in_micro_steps")
+    assert bug.n_pairs == 3 and bug.diff_mean == pytest.approx(0.0745, abs=1e-4) and bug.ci_excludes_zero
+    assert len(studies["study"].runs) == 108 and {r["optimizer_steps"] for r in studies["study"].runs} == {20}

@@ -353,7 +353,8 @@ def param_distance(run: Run, ref: Run, step: int | None = None) -> float:
 
 
 def summarise(runs: list[Run]) -> list[Summary]:
-    """Final metric per (study, task, arm, B, N): mean ± std over seeds, paired difference to the reference."""
+    """Final metric per (study, task, arm, B, N): mean ± std over seeds, paired difference to the reference. The runs
+    of a cell may differ only in their seeds, a run and its reference only in the compared factor (`reference_of`)."""
     by_key = {_key(r): r for r in runs}
     cells: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
@@ -361,6 +362,8 @@ def summarise(runs: list[Run]) -> list[Summary]:
     out = []
     for (study, task, arm, bn), members in sorted(cells.items(), key=lambda kv: _order(kv[0])):
         members.sort(key=lambda r: r.cell_seed)
+        for r in members[1:]:
+            check_pair(r, members[0], SEED_FIELDS)  # a cell's runs differ only in their seeds
         m, s = mean_std([r.metric for r in members])
         row = Summary(study, task, arm, bn[0], bn[1], members[0].metric_name, len(members), m, s)
         row.train_seconds = statistics.fmean(r.final.get("train_seconds", float("nan")) for r in members)
