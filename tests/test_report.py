@@ -345,7 +345,7 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     lines = text[answer:text.index("## How the runs were made")].strip().splitlines()[2:]
     assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
     # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
-    assert "1. **Not yet decidable.** 19 of the 20 headline pairs are in (n = 9–10 of 10 per comparison)" in text
+    assert "1. **Not yet decidable.** Headline pairs finished: 19 of 20 (n = 9–10 of 10 per comparison)" in text
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text

@@ -123,7 +123,6 @@ def _pairs(nums: dict[str, Any], s: str) -> list[tuple[str, int, str, str]]:
 
 def forest(nums: dict[str, Any], s: str, path: Path) -> Path | None:
     """One panel per task: each (arm, (B, N)) pair's mean paired difference with its 90% interval, ±margin shaded."""
-    plt = _plt()
     tasks = [t for t in nums[f"{s}.tasks"] if any(p[0] == t for p in _pairs(nums, s))]
     if not tasks:
         return None
@@ -134,7 +133,7 @@ def forest(nums: dict[str, Any], s: str, path: Path) -> Path | None:
         if isinstance(margin, float) and math.isfinite(margin):
             ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±margin {margin:g}")
         ax.axvline(0, color="black", lw=0.8)
-        for i, (_, E, label, k) in enumerate(mine):
+        for i, (*_, k) in enumerate(mine):
             m, lo, hi = nums[f"{k}.tost.mean"], nums[f"{k}.tost.ci90_low"], nums[f"{k}.tost.ci90_high"]
             colour = "tab:blue" if nums[f"{k}.headline"] else "tab:orange"
             if isinstance(m, float) and math.isfinite(m):
@@ -155,7 +154,6 @@ def forest(nums: dict[str, Any], s: str, path: Path) -> Path | None:
 def scatter(nums: dict[str, Any], s: str, path: Path) -> Path | None:
     """One panel per (task, E): per-seed (B, N) final metric against its (E, 1) reference, and the dropout-only
     floor's runs against theirs, with y = x, the trivial baseline and the reference threshold."""
-    plt = _plt()
     panels = [(task, E) for task in nums[f"{s}.tasks"] for E in nums[f"{s}.{task}.E"]
               if nums[f"{s}.{task}.e{E}.pairs"] or nums[f"{s}.{task}.e{E}.floors"]]
     if not panels:

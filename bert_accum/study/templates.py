@@ -98,6 +98,8 @@ def _pm(nums: dict[str, Any], key: str, m: str = "mean", s: str = "sd") -> str:
     mean, sd = nums.get(f"{key}.{m}"), nums.get(f"{key}.{s}")
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return show(mean)  # one value has no spread
     return f"{show(mean)} ± {show(sd)}"
 
 
@@ -127,15 +129,16 @@ ANSWER_STATE = {
              "difference is nonzero; the others behave like a dropout re-seed."),
     "spread": ("1. **Zero mean, but not the floor's spread.** No headline comparison shows a nonzero mean paired "
                "difference, but in some the spread differs from the dropout-only floor (see the spread table)."),
-    "undecided": ("1. **Not yet decidable.** {answer.pairs_in} of the {answer.pairs_planned} headline pairs are in "
+    "undecided": ("1. **Not yet decidable.** Headline pairs finished: {answer.pairs_in} of {answer.pairs_planned} "
                   "(n = {answer.n_range:range} of {answer.required} per comparison); no verdict is stated below "
                   "{answer.required} pairs."),
     "no data": "1. **No converged study in this report**: nothing is said here about final outcomes.",
 }
-ANSWER_SIZE_TASK = ("{task}: the paired differences' standard deviation is {sd_ratio:range2}× the dropout-only floor's "
-                    "(floor sd {floor_sd:range}; mean |paired difference| {abs_diff:range} {metric}); (B, N) and "
-                    "(E, 1) {disagree_what} {disagreement:range} against {floor_disagreement:range} for two dropout "
-                    "seeds of (E, 1)")
+ANSWER_SIZE_ABS = "{task}: mean |paired difference| {abs_diff:range} {metric}"
+ANSWER_SIZE_SD = "standard deviation {sd_ratio:range2}× the dropout-only floor's (floor sd {floor_sd:range})"
+ANSWER_SIZE_DIS = "(B, N) and (E, 1) {disagree_what} {disagreement:range}"
+ANSWER_SIZE_DIS_FLOOR = "against {floor_disagreement:range} for two dropout seeds of (E, 1)"
+ANSWER_SIZE_NO_FLOOR = "no dropout-only floor pair finished yet"
 DISAGREE_WHAT = {False: "label this fraction of dev examples differently:",
                  True: "differ in their dev predictions by an RMS of"}
 ANSWER_SIZE = "2. **How large, against the dropout-only floor?** {parts}."
@@ -181,6 +184,7 @@ SETUP_TASK = ("- **{task}**: model `{setup.model_name_or_path}` ({setup.model_pa
 SETUP_E = ("  - E = {E}: {setup.train_examples} training examples, {setup.total_optimizer_steps} optimizer steps "
            "({setup.num_warmup_steps} warmup), {setup.epochs} epoch(s).")
 SETUP_NONE = "No converged study in this report."
+SETUP_TASK_NONE = "- **{task}**: no run started yet (settings are read from run folders once they exist)."
 
 CONV_HEAD = "## 1. The converged study `{s}`: final outcomes"
 TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
@@ -322,9 +326,7 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     state = nums["answer.state"]
     L = [ANSWER_HEAD, "", fill(ANSWER_STATE[state], nums, n_biased=len(nums["answer.biased"]),
                                biased=", ".join(_pair_name(nums, k) for k in nums["answer.biased"]))]
-    sizes = [fill(ANSWER_SIZE_TASK, nums, f"answer.{t}", task=t,
-                  disagree_what=DISAGREE_WHAT[bool(nums[f"answer.{t}.regression"])]) for t in nums["answer.tasks"]
-             if nums[f"answer.{t}.abs_diff"] is not None]
+    sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
     L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
     L.append(fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE)
     if nums["probe.tables"]:
@@ -342,6 +344,21 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     return L
 
 
+def _size(nums: dict[str, Any], task: str) -> str:
+    """Line 2 for one task: the parts whose numbers exist yet."""
+    p = f"answer.{task}"
+    parts = [fill(ANSWER_SIZE_ABS, nums, p, task=task)]
+    if nums[f"{p}.sd_ratio"] is not None:
+        parts.append(fill(ANSWER_SIZE_SD, nums, p))
+    if nums[f"{p}.disagreement"] is not None:
+        parts.append(fill(ANSWER_SIZE_DIS, nums, p, disagree_what=DISAGREE_WHAT[bool(nums[f"{p}.regression"])]))
+        if nums[f"{p}.floor_disagreement"] is not None:
+            parts[-1] += " " + fill(ANSWER_SIZE_DIS_FLOOR, nums, p)
+    if nums[f"{p}.floor_sd"] is None and nums[f"{p}.floor_disagreement"] is None:
+        parts.append(ANSWER_SIZE_NO_FLOOR)
+    return ", ".join(parts)
+
+
 def _pair_name(nums: dict[str, Any], key: str) -> str:
     label = key.split(".pair.", 1)[1]
     return f"{nums[key + '.task']} {_arm(label)} {_bn(label)} vs ({nums[key + '.E']}, 1)"
@@ -354,9 +371,12 @@ def _setup(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     for s in nums["studies.converged"]:
         L += [fill(SETUP_STUDY, nums, s, s=s), "", fill(SETUP_ENV, nums, s), ""]
         for task in nums[f"{s}.tasks"]:
+            if nums[f"{s}.{task}.setup.model_name_or_path"] is None:
+                L.append(fill(SETUP_TASK_NONE, nums, task=task))
+                continue
             L.append(fill(SETUP_TASK, nums, f"{s}.{task}", task=task))
-            for E in nums[f"{s}.{task}.E"]:
-                L.append(fill(SETUP_E, nums, f"{s}.{task}.e{E}", E=E))
+            L += [fill(SETUP_E, nums, f"{s}.{task}.e{E}", E=E) for E in nums[f"{s}.{task}.E"]
+                  if nums[f"{s}.{task}.e{E}.setup.total_optimizer_steps"] is not None]
         L.append("")
     return L
 
