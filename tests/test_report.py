@@ -307,6 +307,8 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.stsb.setup.max_train_examples"] == 64 and nums["conv.setup.devices"] == "test-cpu"
     assert nums["conv.sst2.e8.setup.total_optimizer_steps"] == 8
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
+    assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
+    assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]
 
 
 def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tmp_path):
@@ -336,7 +338,13 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     import re
 
     root, grid, _ = write_converged(tmp_path, skip={"sst2/default/B2_N4/seed10"})
-    report = _build(root, grid, tmp_path / "out")
+    for task, ratio in (("sst2", 0.95), ("rte", 0.5)):
+        (tmp_path / "probe" / task).mkdir(parents=True)
+        (tmp_path / "probe" / task / "probe.csv").write_text(
+            "# command: python scripts/probe.py | git_commit: abc\ntask,objective,arm,micro_batch_size,accumulation_steps,"
+            f"rel_l2,ratio_to_floor\n{task},classification,controlled_dropout_standard,2,4,0.4,{ratio}\n"
+            f"{task},classification,controlled,2,4,1e-7,2e-7\n")
+    report = _build(root, grid, tmp_path / "out", probe_dir=str(tmp_path / "probe"))
     text = report.read_text()
     nums = json.loads((tmp_path / "out" / "numbers.json").read_text())
     assert nums["provenance"].startswith("command: python scripts/report.py x | git_commit: ")
@@ -349,6 +357,9 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
+    # a task is shown its own probe table only
+    assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the seed floor" in text
+    assert "- stsb: no probe table of this task and objective" in text
     # how the runs were made comes from config.json / environment.json, not from prose
     assert "learning rate 0.0001 (linear" in text and "max_train_samples 64" in text and "on test-cpu at commit(s) abc123" in text
     assert "missing seeds" in text and "| sst2 | 8 | default | (2, 4) | 10 | 9 | none | 10 |" in text

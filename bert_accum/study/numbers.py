@@ -9,6 +9,8 @@ prefixes (``<s>`` a converged study, ``<t>`` a task, ``e<E>`` an effective batch
   studies.converged / studies.early  study names
   <s>.planned/finished/unfinished/missing, <s>.missing_names, <s>.unfinished_names, <s>.setup.*
   <s>.<t>.setup.*                    how the runs were made, from config.json / environment.json / final_metrics.json
+                                     (setup.arm.<arm>.seeds / seed_offsets: grid seeds started, resolved seeds' offsets)
+  <s>.<t>.probe_tables               probe tables of the same task and objective
   <s>.<t>.metric/margin/threshold/baseline/baseline_rule/baseline_labels, <s>.<t>.E (list)
   <s>.<t>.e<E>.cells / .pairs / .floors           lists of the labels below
   <s>.<t>.e<E>.cell.<arm>.B<B>_N<N>.*             runs of a cell: planned, finished, unfinished, missing, diverged,
@@ -37,7 +39,7 @@ from typing import Any, Iterable
 from ..errors import BertAccumError
 from . import stats
 from .plumbing import mean_std
-from .report import (BATCH_FACTOR, SEED_FIELDS, ConvergedStudy, EarlyStudy, Run, arm_rank, cell_identity, check_pair,
+from .report import (BATCH_FACTOR, SEED_DIR, SEED_FIELDS, ConvergedStudy, EarlyStudy, Run, arm_rank, cell_identity, check_pair,
                      toy_example)
 
 # Headline pairs (the arm users run) need this many seeds before the report states any verdict on them.
@@ -113,6 +115,7 @@ def compute(converged: list[ConvergedStudy], early: list[EarlyStudy], probes: di
         _converged(nums, c, glue_dir)
     record_switches(nums, converged)
     _probes(nums, probes)
+    _task_probes(nums)
     _early(nums, early)
     _batchnorm(nums, batchnorm_dir)
     _answer(nums)
@@ -167,12 +170,14 @@ def _task(nums: dict[str, Any], c: ConvergedStudy, task: str, glue_dir: str | No
     _put(nums, t, metric=metric, margin=c.margins.get(task, {}).get(metric, math.nan),
          threshold=c.thresholds.get(task, {}).get(metric, math.nan), baseline=baseline, baseline_rule=rule,
          baseline_labels=len(labels or []), baseline_source=source,
-         regression=get_task(task).is_regression)
+         regression=get_task(task).is_regression,
+         objective=one_or_list(cfg.get("objective", "classification") for cfg in configs) or "classification")
     for k in SETUP_FIELDS:
         nums[f"{t}.setup.{k}"] = one_or_list(cfg.get(k) for cfg in configs)
     nums[f"{t}.setup.model_path"] = one_or_list("/".join(Path(str(cfg.get("derived", {}).get("model_path"))).parts[-2:])
                                                 for cfg in configs)
     nums[f"{t}.setup.dev_examples"] = one_or_list(r.final.get("eval", {}).get("num_examples") for r in runs)
+    _arm_seeds(nums, t, configs)
 
     # Runs keyed by (arm, B, N, W, cell seed); planned cells by (arm, B, N, seed) (a grid plans W = 1).
     by_cell: dict[tuple, dict[int, Run]] = defaultdict(dict)
@@ -214,6 +219,33 @@ def _task(nums: dict[str, Any], c: ConvergedStudy, task: str, glue_dir: str | No
                 _put(nums, f"{e}.pair.{label}", task=task, task_prefix=t, E=E)
                 _against_floor(nums, f"{e}.pair.{label}", floors.get((k[0], "dropout")) or _only_dropout_floor(floors))
         nums[f"{e}.pairs"] = pairs
+
+
+def _arm_seeds(nums: dict[str, Any], t: str, configs: list[dict[str, Any]]) -> None:
+    """Per arm of the started runs: their grid seeds (the seed<k> folder of their output_dir) and each resolved seed
+    relative to it, from config.json."""
+    arms: dict[str, dict[str, set]] = defaultdict(lambda: {"seeds": set(), "offsets": set()})
+    for cfg in configs:
+        parts = Path(str(cfg.get("output_dir") or "")).parts
+        m = SEED_DIR.match(parts[-1]) if len(parts) >= 3 else None
+        if m is None:
+            continue
+        seed, resolved = int(m.group(1)), cfg.get("derived", {}).get("seeds", {})
+        arms[parts[-3]]["seeds"].add(seed)
+        arms[parts[-3]]["offsets"].add(tuple(f"{f} {resolved[f] - seed:+d}" for f in SEED_FIELDS if f in resolved))
+    nums[f"{t}.setup.arms"] = sorted(arms, key=arm_rank)
+    for arm, v in arms.items():
+        _put(nums, f"{t}.setup.arm.{arm}", seeds=sorted(v["seeds"]), seed_offsets=one_or_list(list(o) for o in v["offsets"]))
+
+
+def _task_probes(nums: dict[str, Any]) -> None:
+    """<s>.<t>.probe_tables: the probe tables of the same task and objective as a converged study's runs (a probe
+    of another task never stands in for this one)."""
+    for s in nums["studies.converged"]:
+        for task in nums[f"{s}.tasks"]:
+            objective = nums[f"{s}.{task}.objective"]
+            nums[f"{s}.{task}.probe_tables"] = [name for name in nums["probe.tables"] if nums[f"probe.{name}.task"] == task
+                                                and nums[f"probe.{name}.objective"] == objective]
 
 
 def _dev_labels(task: str, configs: list[dict[str, Any]], glue_dir: str | None) -> tuple[list | None, str]:

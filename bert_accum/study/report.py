@@ -51,7 +51,7 @@ from ..errors import BertAccumError
 from .plumbing import command_line, mean_std, provenance, t_interval, write_csv
 
 _CELL = re.compile(r"B(\d+)_N(\d+)$")
-_SEED_DIR = re.compile(r"seed(-?\d+)$")
+SEED_DIR = re.compile(r"seed(-?\d+)$")
 SEED_FIELDS = ("seed", "data_seed", "dropout_seed")
 
 
@@ -196,7 +196,7 @@ def _load_run(root: Path, d: Path) -> Run:
     optional = {name: read_json(d / name) if (d / name).is_file() else None for name in ("environment.json", "predictions.json")}
     rel = d.relative_to(root).parts
     arm = rel[-3] if len(rel) >= 3 and _CELL.match(rel[-2]) else _arm_label(cfg)
-    seed_dir = _SEED_DIR.match(d.name)
+    seed_dir = SEED_DIR.match(d.name)
     return Run(
         path=d, study=root.name, task=derived.get("task", cfg.get("task_name")), arm=arm,
         micro_batch_size=derived["micro_batch_size"], accumulation_steps=derived["accumulation_steps"],

@@ -183,10 +183,15 @@ SETUP_TASK = ("- **{task}**: model `{setup.model_name_or_path}` ({setup.model_pa
               "examples; headline metric {metric}.")
 SETUP_E = ("  - E = {E}: {setup.train_examples} training examples, {setup.total_optimizer_steps} optimizer steps "
            "({setup.num_warmup_steps} warmup), {setup.epochs} epoch(s).")
+SETUP_ARM = ("  - arm `{arm}`: started for grid seeds {seeds}; resolved seeds against the grid seed: "
+             "{seed_offsets}.")
 SETUP_NONE = "No converged study in this report."
 SETUP_TASK_NONE = "- **{task}**: no run started yet (settings are read from run folders once they exist)."
 
 CONV_HEAD = "## 1. The converged study `{s}`: final outcomes"
+PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dropout alone {dropout:range3} of the seed "
+                 "floor, the default loop {default:range3}, everything off {controlled:range3}.")
+PROBE_OF_TASK_NONE = "- {task}: no probe table of this task and objective (another task's probe is not used for it)."
 TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
 TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict"]
 TOST_NOTE = ("Paired differences (B, N) − (E, 1) of the final dev metric over runs sharing all three seeds. "
@@ -377,6 +382,7 @@ def _setup(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
             L.append(fill(SETUP_TASK, nums, f"{s}.{task}", task=task))
             L += [fill(SETUP_E, nums, f"{s}.{task}.e{E}", E=E) for E in nums[f"{s}.{task}.E"]
                   if nums[f"{s}.{task}.e{E}.setup.total_optimizer_steps"] is not None]
+            L += [fill(SETUP_ARM, nums, f"{s}.{task}.setup.arm.{arm}", arm=arm) for arm in nums[f"{s}.{task}.setup.arms"]]
         L.append("")
     return L
 
@@ -395,7 +401,13 @@ def _each(nums: dict[str, Any], s: str, what: str) -> list[tuple[str, int, str, 
 def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     L: list[str] = []
     for s in nums["studies.converged"]:
-        L += [fill(CONV_HEAD, nums, s=s), "", TOST_HEAD, ""]
+        L += [fill(CONV_HEAD, nums, s=s), ""]
+        for task in nums[f"{s}.tasks"]:
+            tables = nums[f"{s}.{task}.probe_tables"]
+            L += [fill(PROBE_OF_TASK, nums, task=task, table=t, dropout=nums.get(f"probe.{t}.controlled_dropout_standard.ratio"),
+                       default=nums.get(f"probe.{t}.default.ratio"), controlled=nums.get(f"probe.{t}.controlled.ratio"))
+                  for t in tables] or [fill(PROBE_OF_TASK_NONE, nums, task=task)]
+        L += ["", TOST_HEAD, ""]
         rows = [[task, str(E), _arm(label), f"{_bn(label)} vs ({E}, 1)", f"{nums[k + '.n']} of {nums[k + '.required']}",
                  show(nums[k + ".tost.mean"], "signed"), _ci(nums, k, "tost.ci90_low", "tost.ci90_high"),
                  _ci(nums, k, "tost.ci95_low", "tost.ci95_high"), f"±{show(nums[k + '.tost.margin'])}", nums[k + ".verdict"]]
