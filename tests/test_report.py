@@ -182,10 +182,10 @@ FLOOR_DIFFS = [-0.002, 0.001, -0.003, 0.000, -0.001, 0.002, -0.001, 0.003, 0.000
 DEV_LABELS = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]  # majority class: 6 of 10
 
 
-def _final_metric(task: str, arm: str, n: int, seed: int) -> float:
+def _final_metric(task: str, arm: str, n: int, seed: int, diffs: list[float]) -> float:
     ref = (0.80 if task == "sst2" else 0.75) + 0.001 * seed
     if arm == "default" and n > 1:
-        return ref + ACC_DIFFS[seed - 1]
+        return ref + diffs[seed - 1]
     if arm == "floor_dropout":
         return ref + FLOOR_DIFFS[seed - 1]
     if arm == "floor_all" and seed == 5:
@@ -209,9 +209,11 @@ def _predictions(task: str, arm: str, n: int, seed: int) -> list:
     return preds
 
 
-def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: set[str] = frozenset()) -> tuple[Path, Path, Path]:
-    """Run folders for every planned cell of GRID (except `skip`; `unfinished` ones without final metrics), a GLUE
-    folder with the SST-2 dev labels, and the grid file; returns (runs root, grid file, GLUE folder)."""
+def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: set[str] = frozenset(),
+                    diffs: list[float] = tuple(ACC_DIFFS)) -> tuple[Path, Path, Path]:
+    """Run folders for every planned cell of GRID (except `skip`; `unfinished` ones without final metrics; the
+    headline pairs' differences `diffs` by seed), a GLUE folder with the SST-2 dev labels, and the grid file;
+    returns (runs root, grid file, GLUE folder)."""
     from bert_accum.core.data import write_glue_tsv
     from bert_accum.study.grid import GridSpec, expand
 
@@ -240,7 +242,7 @@ def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: se
         if cell.name in unfinished:
             continue
         metric_name = "accuracy" if cell.task == "sst2" else "pearson"
-        m = _final_metric(cell.task, cell.arm, n, cell.seed)
+        m = _final_metric(cell.task, cell.arm, n, cell.seed, list(diffs))
         (d / "eval.jsonl").write_text(json.dumps({metric_name: m - 0.1, "optimizer_step": 4}) + "\n"
                                       + json.dumps({metric_name: m, "optimizer_step": steps}) + "\n")
         (d / "predictions.json").write_text(json.dumps({"optimizer_step": steps, "splits": {
@@ -309,6 +311,20 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
     assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
     assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]
+
+
+def test_a_shifted_headline_pair_is_read_as_a_bias(tmp_path):
+    root, grid, _ = write_converged(tmp_path, diffs=[0.02 + d for d in ACC_DIFFS])
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # mean 0.021, 90% CI 0.021 +- 0.000864 lies beyond the 0.01 margin; the 95% interval excludes 0
+    assert nums[f"{p}.tost.ci90_low"] > 0.01 and nums[f"{p}.verdict"] == "different"
+    assert nums[f"{p}.spread.reading"] == "nonzero mean (bias)" and nums[f"{p}.spread.t_p"] < 1e-6
+    assert nums["answer.state"] == "bias" and nums["answer.different"] == 2 and len(nums["answer.biased"]) == 2
+    from bert_accum.study.templates import render
+
+    assert ("1. **A bias in every headline comparison** (sst2 default (2, 4) vs (8, 1), stsb default (2, 4) vs (8, 1))"
+            in render(nums, {}))
 
 
 def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tmp_path):

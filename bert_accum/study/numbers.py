@@ -23,6 +23,7 @@ prefixes (``<s>`` a converged study, ``<t>`` a task, ``e<E>`` an effective batch
                                                    seeds, diffs, mean, sd, abs_mean, disagreement.*
   probe.tables, probe.<table>.task/objective/arms, probe.<table>.<arm>.ratio/rel_l2/kind
   cause.ids, cause.<id>.probe_arm/switch/systematic_in/random_in/roundoff_in
+  switches.<arm>                     `--field value` settings that turn a headline run into that arm's run
   early.studies, early.<study>.*, early.arm.<arm>.*, early.bugs
   batchnorm.*, answer.*              the first five lines of the report
 """
@@ -113,7 +114,7 @@ def compute(converged: list[ConvergedStudy], early: list[EarlyStudy], probes: di
     nums["studies.early"] = [e.name for e in early]
     for c in converged:
         _converged(nums, c, glue_dir)
-    record_switches(nums, converged)
+    _record_switches(nums, converged)
     _probes(nums, probes)
     _task_probes(nums)
     _early(nums, early)
@@ -623,15 +624,10 @@ def _answer(nums: dict[str, Any]) -> None:
         exact[k.split(".pair.")[1].split(".")[0]] += [abs(d) for d in nums[f"{k}.diffs"]]
     best = min((a for a in exact if exact[a]), key=lambda a: max(exact[a]), default=None)
     _put(nums, "answer", exact_arm=best or "", exact_max_abs_diff=max(exact[best]) if best else math.nan,
-         exact_n=len(exact[best]) if best else 0, exact_switches=_switches(nums, best) if best else [])
+         exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []))
 
 
-def _switches(nums: dict[str, Any], arm: str) -> list[str]:
-    """`--field value` for every setting in which `arm` differs from the headline arm, from the runs' configs."""
-    return nums.get(f"switches.{arm}", [])
-
-
-def record_switches(nums: dict[str, Any], converged: list[ConvergedStudy]) -> None:
+def _record_switches(nums: dict[str, Any], converged: list[ConvergedStudy]) -> None:
     """switches.<arm>: the command-line settings that turn a headline run into that arm's run (same task, cell)."""
     for c in converged:
         runs = {(r.task, r.arm, r.bn, r.cell_seed): r for r in c.runs}

@@ -127,6 +127,8 @@ ANSWER_STATE = {
                  "accumulating acts like re-seeding dropout."),
     "bias": ("1. **A bias in {n_biased} of {answer.decided} headline comparisons** ({biased}): their mean paired "
              "difference is nonzero; the others behave like a dropout re-seed."),
+    "bias_all": ("1. **A bias in every headline comparison** ({biased}): the mean paired difference is nonzero, "
+                 "unlike a dropout re-seed."),
     "spread": ("1. **Zero mean, but not the floor's spread.** No headline comparison shows a nonzero mean paired "
                "difference, but in some the spread differs from the dropout-only floor (see the spread table)."),
     "undecided": ("1. **Not yet decidable.** Headline pairs finished: {answer.pairs_in} of {answer.pairs_planned} "
@@ -163,6 +165,9 @@ ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: largest |paire
                 "{answer.exact_max_abs_diff} over {answer.exact_n} pairs).")
 ANSWER_EXACT_NONE = "see the cause sections: no exact arm has finished pairs in this report."
 
+CAUSE_WITH_TABLES = "{cause} ({tables})"
+PAIR_NAME = "{task} {arm} {bn} vs ({E}, 1)"
+NONE = "none"
 CAUSE_NAMES = {"dropout": "dropout RNG", "padding": "dynamic padding",
                "loss_averaging": "per-token loss averaging (a mean of micro-batch means)",
                "fp32_order": "fp32 summation order", "bf16": "bf16 autocast"}
@@ -329,15 +334,19 @@ def render(nums: dict[str, Any], figures: dict[str, str]) -> str:
 
 def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     state = nums["answer.state"]
-    L = [ANSWER_HEAD, "", fill(ANSWER_STATE[state], nums, n_biased=len(nums["answer.biased"]),
+    line1 = "bias_all" if state == "bias" and len(nums["answer.biased"]) == nums["answer.decided"] else state
+    L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, n_biased=len(nums["answer.biased"]),
                                biased=", ".join(_pair_name(nums, k) for k in nums["answer.biased"]))]
     sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
     L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
     L.append(fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE)
     if nums["probe.tables"]:
         def names(ids: list[str]) -> str:
-            return ", ".join(f"{CAUSE_NAMES[c]} ({', '.join(nums[f'cause.{c}.systematic_in'] or nums[f'cause.{c}.random_in'] or nums[f'cause.{c}.roundoff_in'])})"
-                             for c in ids) or "none"
+            """Each cause with the probe tables that show it so."""
+            return ", ".join(fill(CAUSE_WITH_TABLES, nums, f"cause.{c}", cause=CAUSE_NAMES[c], tables=(
+                nums[f"cause.{c}.systematic_in"] or nums[f"cause.{c}.random_in"] or nums[f"cause.{c}.roundoff_in"]))
+                for c in ids) or NONE
+
         bugs = fill(ANSWER_BUGS, nums, bugs=", ".join(nums["answer.bugs"])) if nums["answer.bugs"] else ""
         L.append(fill(ANSWER_CAUSES, nums, systematic=names(nums["answer.systematic"]), random=names(nums["answer.random"]),
                       roundoff=names(nums["answer.roundoff"]), bugs=bugs))
@@ -366,7 +375,7 @@ def _size(nums: dict[str, Any], task: str) -> str:
 
 def _pair_name(nums: dict[str, Any], key: str) -> str:
     label = key.split(".pair.", 1)[1]
-    return f"{nums[key + '.task']} {_arm(label)} {_bn(label)} vs ({nums[key + '.E']}, 1)"
+    return fill(PAIR_NAME, nums, key, arm=_arm(label), bn=_bn(label))
 
 
 def _setup(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
