@@ -93,6 +93,7 @@ def _put(nums: dict[str, Any], prefix: str, **values: Any) -> None:
 def to_json(nums: dict[str, Any]) -> str:
     """numbers.json: NaN and infinities as null (JSON has neither), keys in order."""
     def clean(v: Any) -> Any:
+        """A value JSON can hold."""
         if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, (list, tuple)):

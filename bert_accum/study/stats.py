@@ -189,6 +189,7 @@ def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
     b = [float(x) for x in floor if not math.isnan(x)]
 
     def ms(v: list[float]) -> tuple[float, float]:
+        """Mean and sample sd (NaN where undefined)."""
         return (statistics.fmean(v) if v else NAN), (statistics.stdev(v) if len(v) > 1 else NAN)
 
     (m, s), (fm, fs) = ms(a), ms(b)

@@ -56,6 +56,7 @@ class _Filler(string.Formatter):
         self.nums, self.prefix = nums, prefix
 
     def get_field(self, field_name: str, args, kwargs) -> tuple[Any, str]:
+        """The value of `field_name`: an extra keyword, else the key under the prefix, else the key itself."""
         if field_name in kwargs:
             return kwargs[field_name], field_name
         key = f"{self.prefix}.{field_name}" if self.prefix else field_name
@@ -65,6 +66,7 @@ class _Filler(string.Formatter):
         raise KeyError(f"template field {field_name!r}: the numbers have no {key!r}")
 
     def format_field(self, value: Any, format_spec: str) -> str:
+        """`show` instead of format()."""
         return show(value, format_spec)
 
 
