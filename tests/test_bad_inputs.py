@@ -291,7 +291,7 @@ CASES = [
     # --- report
     report("report_malformed_final_metrics", _rewrite("final_metrics.json", '{"status": "completed",\n'),
            "final_metrics.json line", "invalid JSON"),
-    report("report_missing_config", lambda d: (d / "config.json").unlink(), "config.json is missing"),
+    report("report_missing_config", lambda d: (d / "config.json").unlink(), "without config.json"),
     report("report_malformed_steps_line", _rewrite("steps.jsonl", '{"optimizer_step": 1}\n{"optimizer_st\n'
                                                    '{"optimizer_step": 3}\n'), "steps.jsonl line 2"),
     report("report_missing_step_rows", _rewrite("steps.jsonl", '{"optimizer_step": 1}\n'), "steps.jsonl",

@@ -240,6 +240,7 @@ def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
         "arms": {"default": {}, "floor": {"batches": [[8, 1]], "seeds": [1, 2], "seed_offsets": {"dropout_seed": 100}},
                  "init": {"batches": [[8, 1]], "seeds": [3], "seed_offsets": {"seed": 50, "data_seed": 0}}},
         "equivalence_margins": {"synthetic": {"accuracy": 0.01}},
+        "reference_thresholds": {"synthetic": {"accuracy": 0.78}},
     })
     cells = expand(spec)
     names = [c.name for c in cells]
@@ -252,6 +253,7 @@ def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
     init = by_name["synthetic/init/B8_N1/seed3"]
     assert (init.seed, init.data_seed, init.dropout_seed) == (53, 3, 3)
     assert spec.equivalence_margins == {"synthetic": {"accuracy": 0.01}}
+    assert spec.reference_thresholds == {"synthetic": {"accuracy": 0.78}}
 
 
 @pytest.mark.parametrize("arm", [{"seeds": [9]}, {"batches": [[4, 2]]}, {"seed_offsets": {"mlm_seed": 1}}])

@@ -20,7 +20,8 @@ to some of the grid's seeds and (B, N) pairs (a noise floor needs only the (E, 1
 ``seed_offsets`` (also a top-level key, the default of every arm) sets `seed`, `data_seed` or `dropout_seed`
 to the cell's seed plus an offset, e.g. ``{dropout_seed: 100}`` for a dropout-only floor.
 ``equivalence_margins`` ({task: {metric: margin}}) states the equivalence margins of the study before it runs;
-the grid only records them, the report reads them.
+``reference_thresholds`` ({task: {metric: value}}) the final metric the (E, 1) reference must reach for the study to
+count as converged; the grid only records both, the report reads them.
 
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
@@ -72,7 +73,7 @@ from ..errors import BertAccumError
 
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
-    "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins",
+    "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins", "reference_thresholds",
 }
 # Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
 ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
@@ -118,6 +119,8 @@ class GridSpec:
     seed_offsets: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per arm: {seed field: offset added to the cell's seed}."""
     equivalence_margins: dict[str, dict[str, float]] = field(default_factory=dict)
+    reference_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per task: {metric: the final value the (E, 1) reference must reach}."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -171,8 +174,8 @@ class GridSpec:
             shared=shared, task_overrides={t: dict(v or {}) for t, v in overrides.items()},
             keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
             arm_seeds=arm_seeds, arm_batches=arm_batches, seed_offsets=offsets,
-            equivalence_margins={t: {m: float(x) for m, x in (v or {}).items()}
-                                 for t, v in (raw.get("equivalence_margins") or {}).items()},
+            equivalence_margins=_task_metric_values(raw.get("equivalence_margins"), f"{source}: equivalence_margins"),
+            reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
         )
 
     @classmethod
@@ -240,6 +243,14 @@ def _batch_pairs(value: Any, where: str) -> list[tuple[int, int]]:
     if pairs is None or not all(isinstance(p, list) and len(p) == 2 and all(_is_int(x, 1) for x in p) for p in pairs):
         raise BertAccumError(f"{where} must be a non-empty list of [B, N] pairs of integers >= 1, got {value!r}")
     return [(b, n) for b, n in pairs]
+
+
+def _task_metric_values(value: Any, where: str) -> dict[str, dict[str, float]]:
+    """{task: {metric: float}}, checked."""
+    try:
+        return {str(t): {str(m): float(x) for m, x in (v or {}).items()} for t, v in (value or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise BertAccumError(f"{where} maps tasks to {{metric: number}}, got {value!r}") from None
 
 
 def _seed_offsets(value: Any, where: str) -> dict[str, int]:
