@@ -491,3 +491,20 @@ def test_the_committed_early_tables_are_read_back():
     bug = next(s for s in studies["study_bugs"].summaries if s.arm == "bug_scheduler_in_micro_steps")
     assert bug.n_pairs == 3 and bug.diff_mean == pytest.approx(0.0745, abs=1e-4) and bug.ci_excludes_zero
     assert len(studies["study"].runs) == 108 and {r["optimizer_steps"] for r in studies["study"].runs} == {20}
+
+
+def test_a_section_of_another_study_script_is_included_with_its_provenance(converged, tmp_path):
+    from bert_accum.errors import BertAccumError
+
+    root, grid, _ = converged
+    section = tmp_path / "trainer.md"
+    section.write_text("<!-- command: python scripts/trainer_study.py | git_commit: abc -->\n## The Hugging Face Trainer\n\n"
+                       "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n")
+    text = _build(root, grid, tmp_path / "out", sections=[str(section)]).read_text()
+    body = text.index("## The Hugging Face Trainer")
+    assert "4.000x" in text and text.index("command: python scripts/trainer_study.py | git_commit: abc", body) > body
+    unheaded = tmp_path / "plain.md"
+    unheaded.write_text("## Typed by hand\n")
+    with pytest.raises(BertAccumError, match="provenance"):
+        _build(root, grid, tmp_path / "out2", sections=[str(unheaded)])
+    assert not (tmp_path / "out2").exists()

@@ -610,6 +610,21 @@ class ReportInputs:
     grids: list[str] = field(default_factory=list)
     early_csv: str | None = None
     glue_dir: str | None = None
+    sections: list[str] = field(default_factory=list)
+    """Markdown sections written by other study scripts (e.g. results/trainer/trainer.md), each headed by its
+    provenance comment; appended after the converged study with that provenance kept beside them."""
+
+
+def read_section(path: Path) -> tuple[str, str, str]:
+    """(path, provenance, body) of a Markdown section file whose first line is its `<!-- command: ... -->` header;
+    a section that does not say how it was made is refused."""
+    if not path.is_file():
+        raise BertAccumError(f"--section {path}: no such file")
+    lines = path.read_text().splitlines()
+    match = re.fullmatch(r"<!-- (command: .*) -->", lines[0]) if lines else None
+    if not match:
+        raise BertAccumError(f"--section {path}: its first line must be the provenance comment <!-- command: ... -->")
+    return str(path), match.group(1), "\n".join(lines[1:]).strip("\n")
 
 
 def default_output_dir(base: str | Path = "reports") -> Path:
@@ -639,6 +654,7 @@ def build_report(inp: ReportInputs) -> Path:
     probes = load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
     if not converged and not early:
         raise BertAccumError("nothing to report: give runs folders (with --grid for a converged study) or --early_csv")
+    extra = [read_section(Path(p)) for p in inp.sections]
     prov = provenance(inp.command or command_line(), git_commit())
     out = Path(inp.output_dir) if inp.output_dir else default_output_dir()
 
@@ -648,7 +664,7 @@ def build_report(inp: ReportInputs) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         figs = figures.draw_all(nums, converged, early, probes, tmp / "study" / "figures")
-        text = templates.render(nums, {k: str(p.relative_to(tmp)) for k, p in figs.items()})
+        text = templates.render(nums, {k: str(p.relative_to(tmp)) for k, p in figs.items()}, extra)
         (tmp / "REPORT.md").write_text(text)
         (tmp / "numbers.json").write_text(numbers.to_json(nums))
         _write_tables(tmp / "study", nums, converged, early, prov)

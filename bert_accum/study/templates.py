@@ -326,10 +326,18 @@ FIGURE_CAPTIONS = {
 
 
 # ------------------------------------------------------------------------------------------ sections
-def render(nums: dict[str, Any], figures: dict[str, str]) -> str:
-    """REPORT.md: the answer, how the runs were made, the converged study, the mechanism, early training."""
+SECTION_SOURCE = "*This section is `{path}`, written by its own script ({provenance}).*"
+
+
+def render(nums: dict[str, Any], figures: dict[str, str], sections: list[tuple[str, str, str]] = ()) -> str:
+    """REPORT.md: the answer, how the runs were made, the converged study, the sections of other study scripts
+    ((path, provenance, body) each, shown with their source), the mechanism, early training."""
     parts = [header(nums["provenance"], markdown=True), "", TITLE, "", INTRO, ""]
-    for section in (_answer, _setup, _converged, _mechanism, _early):
+    for section in (_answer, _setup, _converged):
+        parts += section(nums, figures)
+    for path, prov, body in sections:
+        parts += [body, "", fill(SECTION_SOURCE, {}, path=path, provenance=prov), ""]
+    for section in (_mechanism, _early):
         parts += section(nums, figures)
     return "\n".join(parts).rstrip("\n") + "\n"
 
