@@ -508,3 +508,16 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
     with pytest.raises(BertAccumError, match="provenance"):
         _build(root, grid, tmp_path / "out2", sections=[str(unheaded)])
     assert not (tmp_path / "out2").exists()
+
+
+def test_regenerating_into_the_early_tables_folder_keeps_them(converged, tmp_path):
+    """--early_csv results/study with --output_dir results: the converged study's tables get their own names, so
+    the committed early tables the report reads back are not replaced by it."""
+    root, grid, _ = converged
+    out = tmp_path / "out"
+    _build(root, grid, out)
+    early = out / "study"
+    (early / "runs.csv").write_text("# early\nstudy,task\nstudy,rte\n")
+    _build(root, grid, out)
+    assert (early / "runs.csv").read_text() == "# early\nstudy,task\nstudy,rte\n"
+    assert (early / "conv_runs.csv").read_text().startswith("# command: ")

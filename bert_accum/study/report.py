@@ -682,9 +682,14 @@ def _write_tables(folder: Path, nums: dict[str, Any], converged: list[ConvergedS
     from .numbers import converged_tables
 
     from_runs = [e for e in early if e.run_objects]
-    runs = [row for e in from_runs for row in e.runs] + [run_row(r) for c in converged for r in c.runs]
+    # The early study's tables keep their own names (an --early_csv report reads them back); a converged study's
+    # runs go to <study>_runs.csv, so regenerating into results/ never overwrites the committed early tables.
+    runs = [row for e in from_runs for row in e.runs]
     if runs:
         write_csv(folder / "runs.csv", runs, prov)
+    for c in converged:
+        if c.runs:
+            write_csv(folder / f"{c.name}_runs.csv", [run_row(r) for r in c.runs], prov)
     if from_runs:
         write_csv(folder / "summary.csv", [{f.name: getattr(s, f.name) for f in fields(Summary)}
                                            for e in from_runs for s in e.summaries], prov)
