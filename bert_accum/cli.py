@@ -12,12 +12,40 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``error: <prog>: <reason> (see --help)``, not a usage block.
+
+    Every script then prints exactly one ``error:`` line for any bad input, whether argparse or the program
+    itself rejects it; `--help` still prints the full usage and exits 0.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Print the one line and exit with status 2, as argparse does."""
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse `type` for a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run `fn`; a BertAccumError prints `error: <message>` and returns 2, success returns 0; a closed output
-    pipe (`| head`) ends quietly with 141, as SIGPIPE would."""
+    """Run `fn`; a BertAccumError or an OS error prints `error: <message>` and returns 2, success returns 0.
+
+    OS errors (a folder that cannot be written, a file that cannot be read) are the environment's, not the
+    program's, so they are reported like bad input: one line naming the path. A closed output pipe (`| head`)
+    is no error: it ends quietly with 141, as SIGPIPE would.
+    """
     from .errors import BertAccumError
 
     try:
@@ -32,6 +60,10 @@ def guarded(fn: Callable[[], object]) -> int:
     except BertAccumError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -40,8 +72,7 @@ def guarded(fn: Callable[[], object]) -> int:
 
 def _parser(prog: str | None, description: str) -> argparse.ArgumentParser:
     """Every tool's argument parser (one place to change how they all print usage and errors)."""
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 # ----------------------------------------------------------------------------------------------- finetune
@@ -61,11 +92,36 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
     def go() -> None:
         cfg = parse_args(argv, prog=prog, description=FINETUNE_HELP)
+        _preflight(cfg)
         from .core.train import run  # torch: only once the flags are known to be good
 
         run(cfg)
 
     return guarded(go)
+
+
+def _preflight(cfg) -> None:
+    """The checks of `run` that need the file system but not torch, done before torch is imported (seconds on a
+    busy machine), so bad input fails at once: the output folder, a resume's checkpoint and settings, and
+    whether the data files can be opened. `run` repeats them for callers that do not come through here."""
+    from .core.checkpoint import check_resume_config, resolve_checkpoint
+    from .core.records import prepare_output_dir
+    from .errors import BertAccumError
+
+    if cfg.output_dir is None:
+        raise BertAccumError("--output_dir is required")
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint is not None)
+    if cfg.resume_from_checkpoint is not None:
+        # quiet: `run` prints the warnings about skipped checkpoints, once.
+        check_resume_config(out, resolve_checkpoint(out, cfg.resume_from_checkpoint, quiet=True), cfg)
+    for flag in ("train_file", "validation_file"):
+        path = getattr(cfg, flag)
+        if path is not None and os.path.isfile(path):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise BertAccumError(f"--{flag} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------- probe
@@ -116,27 +172,40 @@ def probe_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- report
-REPORT_HELP = """Write results/REPORT.md and results/study/ from run folders.
+REPORT_HELP = """Write a study report from run folders: REPORT.md, numbers.json, study/*.csv and study/figures/.
 
-    bert-accum report runs/study runs/study_bugs
+    bert-accum report runs/converged --grid configs/study_converged.yaml --early_csv results/study
 
-Reads the run folders written by `bert-accum grid` (and the probe / BatchNorm tables); the logic lives in
+A runs folder named by a grid file's runs_dir (--grid) is a converged study (TOST, floors, disagreement,
+failures against the plan); other runs folders are early-training studies. --early_csv reads the committed
+tables of an early study whose run folders are gone. The output goes to a new folder under reports/ unless
+--output_dir says otherwise (`--output_dir results` replaces the committed report). The logic lives in
 bert_accum.study.report.
 """
 
 
 def parse_report(argv: list[str] | None = None, prog: str | None = None):
     """`bert-accum report` flags -> ReportInputs."""
+    from .study.grid import find_grid_file
     from .study.report import ReportInputs
 
     p = _parser(prog, REPORT_HELP)
-    p.add_argument("runs_dirs", nargs="+", help="grid runs folders (each one study: runs/study, runs/study_bugs, ...)")
-    p.add_argument("--probe_dir", default="results/probe", help="folder of probe tables (<task>/probe.csv); '' for none")
+    p.add_argument("runs_dirs", nargs="*", help="runs folders, one study each (runs/converged, runs/study, ...)")
+    p.add_argument("--grid", action="append", default=[], metavar="GRID.yaml",
+                   help="grid file of a converged study (repeatable); matched to the runs folder named like its runs_dir")
+    p.add_argument("--early_csv", default=None,
+                   help="folder of committed early-training tables (summary.csv, runs.csv, param_distance.csv), "
+                        "e.g. results/study, for studies whose run folders are absent")
+    p.add_argument("--probe_dir", default="results/probe", help="folder of probe tables (<name>/probe.csv); '' for none")
     p.add_argument("--batchnorm_dir", default="results/batchnorm", help="folder of the BatchNorm study; '' for none")
-    p.add_argument("--output_dir", default="results", help="where REPORT.md and study/ go (default results)")
+    p.add_argument("--glue_dir", default=None,
+                   help="GLUE folder for the dev labels of the trivial baseline when a run's own data source is not here")
+    p.add_argument("--output_dir", default=None,
+                   help="where REPORT.md, numbers.json and study/ go (default: a new reports/<timestamp>/)")
     a = p.parse_args(argv)
     return ReportInputs(runs_dirs=a.runs_dirs, probe_dir=a.probe_dir or None, batchnorm_dir=a.batchnorm_dir or None,
-                        output_dir=a.output_dir)
+                        output_dir=a.output_dir, grids=[str(find_grid_file(g)) for g in a.grid], early_csv=a.early_csv,
+                        glue_dir=a.glue_dir)
 
 
 def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:

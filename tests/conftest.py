@@ -4,6 +4,9 @@ and a small synthetic GLUE-format task, all in temporary folders: no downloads, 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +72,21 @@ def synthetic_glue_dir(tmp_path_factory) -> str:
     from bert_accum.core.synthetic import generate_synthetic_glue
 
     return generate_synthetic_glue(str(tmp_path_factory.mktemp("glue")), n_train=60, n_dev=24, seed=0)
+
+
+class Boom:
+    """Unpickling this runs a shell command that creates `marker`: what a pickle planted in a run folder could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_old_format(checkpoint: Path, marker: Path) -> None:
+    """Make `checkpoint` look like one written by accelerate's save_state, with pickles that would create `marker`."""
+    shutil.rmtree(checkpoint)
+    checkpoint.mkdir()
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"):
+        (checkpoint / name).write_bytes(pickle.dumps(Boom(marker)))

@@ -43,7 +43,7 @@ def test_last_window_one_over_n_weight():
 def test_bug_modes_in_training(tmp_path, tiny_model_dir, synthetic_glue_dir):
     common = dict(num_train_epochs=2, num_warmup_steps=0)
     right = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "right", 2, 4, **common)
-    sched = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "sched", 2, 4, bug_modes=["scheduler_in_micro_steps"], **common)
+    sched = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "sched", 2, 4, bug_modes=["schedule_sized_in_micro_batches"], **common)
     mod = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "mod", 2, 4, bug_modes=["step_mod_boundaries"], **common)
     last = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "last", 2, 4, bug_modes=["last_window_1_over_n"], **common)
     clip = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "clip", 2, 4, bug_modes=["clip_per_micro_batch"],
@@ -74,3 +74,32 @@ def test_correct_mode_is_invariant_to_b_and_n_in_lr_and_steps(tmp_path, tiny_mod
     assert [r["learning_rate"] for r in a] == [r["learning_rate"] for r in b]
     assert [r["examples"] for r in a] == [r["examples"] for r in b] == [8] * 7 + [4]
     assert torch.tensor([r["loss"] for r in a]).isfinite().all()
+
+
+def test_scheduler_stepped_per_micro_batch_runs_the_schedule_n_times_too_fast(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Optimizer step k uses the LR of schedule position k*N - 1: with N=4 over 16 steps the linear schedule is
+    spent after 4 steps and the LR stays at 0."""
+    fast = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, "fast", 2, 4, bug_modes=["scheduler_stepped_per_micro_batch"],
+                num_train_epochs=2, num_warmup_steps=0)
+    lr = [r["learning_rate"] for r in fast]
+    total, n = 16, 4
+    assert len(lr) == total
+    assert lr == [pytest.approx(1e-3 * max(0.0, (total - (k * n - 1)) / total), abs=1e-12) for k in range(1, total + 1)]
+    assert lr[4:] == [0.0] * (total - 4)
+
+
+def test_old_bug_name_is_still_accepted(tmp_path):
+    from bert_accum.controls.bugs import BugModes
+
+    assert BugModes.parse(["scheduler_in_micro_steps"]).schedule_sized_in_micro_batches
+    assert TrainConfig.from_dict({"bug_modes": ["scheduler_in_micro_steps"]}).bug_modes == ["schedule_sized_in_micro_batches"]
+
+
+def test_clipped_fraction_is_recorded_also_for_clipping_per_micro_batch(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    import json
+
+    for name, extra in (("right", {}), ("clip", {"bug_modes": ["clip_per_micro_batch"]})):
+        rows = _run(tmp_path, tiny_model_dir, synthetic_glue_dir, name, 2, 4, max_train_steps=3, max_grad_norm=1e-3, **extra)
+        assert all(r["clipped"] for r in rows)  # a threshold of 1e-3 binds on every step
+        final = json.loads((tmp_path / name / "final_metrics.json").read_text())
+        assert final["clipped_fraction"] == 1.0

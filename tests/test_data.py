@@ -14,7 +14,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from bert_accum.core.data import glue_folder_name, infer_task, load_raw_splits, write_glue_tsv
+from bert_accum.core.data import glue_folder_name, infer_task, load_eval_labels, load_raw_splits, write_glue_tsv
 from bert_accum.errors import BertAccumError
 from bert_accum.core.tasks import TASKS, get_task
 
@@ -223,6 +223,15 @@ def test_write_glue_tsv_is_unquoted_with_optional_bom(tmp_path):
 def test_glue_layout_per_task(task_name, glue_dir, cache_dir):
     dd = load_raw_splits(get_task(task_name), glue_dir=str(glue_dir), cache_dir=cache_dir)
     assert_normalised(dd, task_name, EXPECTED[task_name])
+
+
+def test_eval_labels_without_building_datasets(glue_dir):
+    """The report's trivial baseline reads the dev labels as load_raw_splits parses them."""
+    assert load_eval_labels(get_task("sst2"), glue_dir=str(glue_dir)) == {"validation": [0, 1]}
+    mnli = load_eval_labels(get_task("mnli"), glue_dir=str(glue_dir))
+    assert mnli == {"validation_matched": [0], "validation_mismatched": [2, 1]}
+    with pytest.raises(BertAccumError):
+        load_eval_labels(get_task("sst2"))
 
 
 def test_qqp_malformed_rows_skipped_with_warning(glue_dir, cache_dir, caplog):

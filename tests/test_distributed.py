@@ -192,3 +192,35 @@ def test_multi_gpu_accelerate_config_loads():
     cfg = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "multi_gpu.yaml"))
     assert cfg.distributed_type == DistributedType.MULTI_GPU
     assert (cfg.num_machines, cfg.machine_rank, cfg.use_cpu) == (1, 0, False) and cfg.num_processes > 1
+
+
+def test_two_process_checkpoint_resumes_with_the_records_of_an_unbroken_run(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """W=2 under torchrun: rank 0 writes the shared checkpoint files and each rank its RNG state; a resume from
+    the step-2 checkpoint (standard dropout on) writes the same step rows as the run that was never cut."""
+    import shutil
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    argv = TrainConfig(task_name="synthetic", glue_dir=synthetic_glue_dir, model_name_or_path=tiny_model_dir,
+                       max_length=32, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=4,
+                       checkpointing_steps="2", learning_rate=1e-3, cpu=True, disable_progress_bar=True).to_argv()
+
+    def launch(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "bert_accum.cli", *argv, "--output_dir", str(out), *extra]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    launch(full)
+    checkpoint = full / "checkpoints" / "step_0000002"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2 and {"rng_rank0.json", "rng_rank1.json"} <= set(manifest["files"])
+    assert not list(checkpoint.glob("*.pkl"))
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_0000004")
+    (cut / "final_metrics.json").unlink()
+    launch(cut, "--resume_from_checkpoint", "latest")
+    def untimed(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert untimed(_rows(cut / "steps.jsonl")) == untimed(_rows(full / "steps.jsonl"))
+    assert [r["optimizer_step"] for r in _rows(cut / "steps.jsonl")] == [1, 2, 3, 4]

@@ -240,6 +240,7 @@ def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
         "arms": {"default": {}, "floor": {"batches": [[8, 1]], "seeds": [1, 2], "seed_offsets": {"dropout_seed": 100}},
                  "init": {"batches": [[8, 1]], "seeds": [3], "seed_offsets": {"seed": 50, "data_seed": 0}}},
         "equivalence_margins": {"synthetic": {"accuracy": 0.01}},
+        "reference_thresholds": {"synthetic": {"accuracy": 0.78}},
     })
     cells = expand(spec)
     names = [c.name for c in cells]
@@ -252,6 +253,7 @@ def test_arms_restrict_seeds_and_batches_and_derive_seed_fields(tmp_path):
     init = by_name["synthetic/init/B8_N1/seed3"]
     assert (init.seed, init.data_seed, init.dropout_seed) == (53, 3, 3)
     assert spec.equivalence_margins == {"synthetic": {"accuracy": 0.01}}
+    assert spec.reference_thresholds == {"synthetic": {"accuracy": 0.78}}
 
 
 @pytest.mark.parametrize("arm", [{"seeds": [9]}, {"batches": [[4, 2]]}, {"seed_offsets": {"mlm_seed": 1}}])
@@ -260,6 +262,139 @@ def test_arm_restrictions_outside_the_grid_are_refused(arm):
 
     with pytest.raises(BertAccumError):
         GridSpec.from_dict({"tasks": ["synthetic"], "batches": [[8, 1]], "seeds": [1], "arms": {"a": arm}})
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _one_cell_grid(tmp_path, model_dir, glue_dir, steps: int, **shared) -> Path:
+    grid = _grid(tmp_path, model_dir, glue_dir, seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
+    raw = yaml.safe_load(grid.read_text())
+    raw["shared"].update(max_train_steps=steps, **shared)
+    grid.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return grid
+
+
+def test_two_grid_processes_share_a_grid_and_run_every_cell_exactly_once(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Two grid processes started together on one grid: each cell is run by one of them (the other says it was
+    taken), and every cell ends finished and verified with one row per step."""
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, seeds=[1], micro_batch_sizes=[8, 2], arms={"default": {}})
+    cells = expand(GridSpec.load(grid))
+    cmd = [sys.executable, str(REPO / "scripts/grid.py"), str(grid)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    both = "\n".join(outputs)
+    for cell in cells:
+        assert cell_status(cell) == "finished"
+        assert _rows(cell.run_dir, "steps.jsonl") == [1, 2, 3]
+        ran = [line for line in both.splitlines() if f"] {cell.name}: completed" in line]
+        assert len(ran) == 1, both
+        log = (tmp_path / "runs/logs" / (cell.name.replace("/", "__") + ".log")).read_text()
+        assert log.count("\n# ") == 1, log  # one launch of the cell in all
+    assert "taken by another process" in both or "already finished" in both
+
+
+def test_a_locked_cell_is_left_to_its_holder(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    from bert_accum.study.grid import CellLock, run_cell
+
+    grid = _one_cell_grid(tmp_path, tiny_model_dir, synthetic_glue_dir, steps=1)
+    cell = expand(GridSpec.load(grid))[0]
+    holder = CellLock(cell)
+    assert holder.acquire()
+    try:
+        assert run_cell(cell) == f"taken by another process (pid {os.getpid()})"
+        assert not cell.run_dir.exists()
+        status = subprocess.run([sys.executable, str(REPO / "scripts/grid.py"), str(grid), "--status"],
+                                capture_output=True, text=True, timeout=60)
+        assert status.stdout.split("\t")[1] == "running", status.stdout
+    finally:
+        holder.release()
+
+
+def test_killing_the_grid_process_also_ends_its_cell(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """SIGKILL to the grid process alone (not its group): the cell's process must not run on as an orphan."""
+    grid = _one_cell_grid(tmp_path, tiny_model_dir, synthetic_glue_dir, steps=2000)
+    cell = expand(GridSpec.load(grid))[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/grid.py"), str(grid)], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not _rows(cell.run_dir, "steps.jsonl") and proc.poll() is None:
+            time.sleep(0.1)
+        children = _children(proc.pid)
+        assert children, "the cell's process should be running"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(c) for c in children):
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children), "the cell's process outlived the grid"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    from bert_accum.study.grid import CellLock
+
+    deadline = time.time() + 10
+    while time.time() < deadline and CellLock(cell).held_elsewhere():
+        time.sleep(0.1)
+    assert not CellLock(cell).held_elsewhere()  # the lock went with them
+
+
+def test_final_metrics_with_missing_rows_is_damaged_and_rerun(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """A cell that says completed but holds 1 of 3 step rows is never reported finished: `--status` calls it
+    damaged (naming the file), and the grid runs it again from scratch."""
+    grid = _one_cell_grid(tmp_path, tiny_model_dir, synthetic_glue_dir, steps=3)
+    cmd = [sys.executable, str(REPO / "scripts/grid.py"), str(grid)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    cell = expand(GridSpec.load(grid))[0]
+    steps = cell.run_dir / "steps.jsonl"
+    steps.write_text(steps.read_text().splitlines()[0] + "\n")
+    assert cell_status(cell) == "damaged"
+    status = subprocess.run([*cmd, "--status"], env=env, capture_output=True, text=True, timeout=60)
+    _, state, name, why = status.stdout.strip().split("\t")
+    assert (state, name) == ("damaged", cell.name) and "steps.jsonl" in why and "1 step rows" in why
+    assert "--overwrite_output_dir" in describe(cell)
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 already finished, 1 to run" in again.stdout
+    assert cell_status(cell) == "finished" and _rows(cell.run_dir, "steps.jsonl") == [1, 2, 3]
+
+
+def test_a_saved_config_without_newer_fields_still_matches(tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Fields added since a folder was written count as their defaults when the folder's config is compared."""
+    grid = _one_cell_grid(tmp_path, tiny_model_dir, synthetic_glue_dir, steps=1)
+    cell = expand(GridSpec.load(grid))[0]
+    cell.run_dir.mkdir(parents=True)
+    saved = {k: v for k, v in cell.config.to_dict().items() if k not in ("data_seed", "dropout_seed", "max_train_examples")}
+    (cell.run_dir / "config.json").write_text(json.dumps(saved))
+    check_config_matches(cell)
+    saved["learning_rate"] = 1.0
+    (cell.run_dir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(BertAccumError, match="learning_rate"):
+        check_config_matches(cell)
 
 
 def test_status_reports_a_changed_setting_as_stale(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):

@@ -84,11 +84,11 @@ def test_summary_tables_match_hand_computed_values(study):
     # diffs 0.10, 0.11, 0.12: sd 0.01, t(0.975, 2) = 4.3027 -> half-width 4.3027 * 0.01 / sqrt(3) = 0.024841
     assert d.diff_lo == pytest.approx(0.11 - 0.024841, abs=1e-5) and d.diff_hi == pytest.approx(0.11 + 0.024841, abs=1e-5)
     assert d.seed_std == pytest.approx(0.02)  # the (32, 1) accuracies 0.60, 0.62, 0.64
-    assert d.beyond_seed_noise == "yes" and d.reference == "default B32_N1"
+    assert d.ci_excludes_zero and d.reference == "default B32_N1"
     # distance 0.5*s from a reference that moved s: 0.5 for every seed
     assert d.rel_param_distance == pytest.approx(0.5) and d.rel_param_distance_std == pytest.approx(0.0)
     c = rows[("study", "controlled", 8)]
-    assert c.diff_mean == pytest.approx(0.0) and c.beyond_seed_noise == "no" and c.rel_param_distance == 0.0
+    assert c.diff_mean == pytest.approx(0.0) and not c.ci_excludes_zero and c.rel_param_distance == 0.0
     ref = rows[("study", "default", 32)]
     assert ref.n_pairs == 0 and math.isnan(ref.diff_mean)
     bug = rows[("study_bugs", "bug_clip_per_micro_batch", 8)]
@@ -120,9 +120,12 @@ def test_report_files_are_written_with_headers_and_numbers(study):
     assert text.startswith("<!-- command: python scripts/report.py runs/study runs/study_bugs | git_commit: ")
     assert "leaves -16 in `.grad`" in text and "giving -20" in text and "from 1 to 1.2 accumulated and to 1.2 as" in text
     assert "| rte | default | 8 | 4 | accuracy | 3 | 0.7300 ± 0.0300 | 0.1100 | [0.0852, 0.1348] | 0.0200 | yes |" in text
-    assert "Of 2 paired comparisons in `study`, 1 differ beyond seed noise" in text
+    # superseded: the "beyond seed noise" verdict; an early study now says only whether the interval excludes 0
+    assert ("After 4 optimizer steps 1 of 2 paired (B, N) cells in `study` have a 95% interval of the paired "
+            "difference that excludes 0 (n = 3 seeds per cell): rte.default.B8_N4.") in text
     assert "clip_per_micro_batch" in text and "| 5 | 4 |" in text  # the bug's optimizer steps vs the correct loop's
-    assert "rte: 1.000–1.000" in text  # probe ratio for dropout RNG
+    # a range whose ends print the same prints once (was "rte: 1.000–1.000")
+    assert "rte: 1.000 of the seed floor" in text and "1.000–1.000" not in text
     for fig in ("paired_diff_study.png", "grad_norm_study_rte.png", "param_distance_study_rte.png"):
         path = out / "study/figures" / fig
         assert path.stat().st_size > 1000 and f"(study/figures/{fig})" in text
@@ -148,3 +151,373 @@ def test_a_missing_large_batch_run_leaves_its_seed_unpaired_and_diverged_runs_ar
     assert ctl.n == 3 and ctl.n_pairs == 2 and ctl.reference == "controlled B32_N1"  # not mixed with `default`
     d = rows[("default", 8)]
     assert d.non_finite == 1 and d.n_pairs == 2 and d.diff_mean == pytest.approx(0.11)  # seeds 1 and 3: 0.10, 0.12
+
+
+# ------------------------------------------------------------------------------------------ converged study
+# A grid shaped like configs/study_converged.yaml, smaller: one effective batch (8) and its question pair (2, 4).
+GRID = """
+name: conv
+runs_dir: runs/conv
+tasks: [sst2, stsb]
+batches: [[8, 1], [2, 4]]
+seeds: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+seed_offsets: {dropout_seed: 0}
+arms:
+  default: {}
+  controlled: {dropout: invariant, padding: window, loss_normalization: global, seeds: [1, 2, 3]}
+  floor_dropout: {batches: [[8, 1]], seed_offsets: {dropout_seed: 1000}}
+  floor_data: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {data_seed: 1000}}
+  floor_init: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {seed: 1000, data_seed: 0}}
+  floor_all: {batches: [[8, 1]], seeds: [1, 2, 3, 4, 5], seed_offsets: {seed: 1000, data_seed: 1000, dropout_seed: 1000}}
+shared: {learning_rate: 1.0e-4, eval_steps: 0.5}
+task_overrides:
+  sst2: {max_train_samples: 64}
+  stsb: {max_train_examples: 64}
+equivalence_margins: {sst2: {accuracy: 0.01}, stsb: {pearson: 0.01}}
+reference_thresholds: {sst2: {accuracy: 0.78}, stsb: {pearson: 0.70}}
+"""
+# Paired differences (2, 4) - (8, 1) and dropout-only floor differences, by seed 1..10.
+ACC_DIFFS = [0.002, -0.001, 0.003, 0.000, 0.001, 0.002, -0.001, 0.003, 0.000, 0.001]
+FLOOR_DIFFS = [-0.002, 0.001, -0.003, 0.000, -0.001, 0.002, -0.001, 0.003, 0.000, 0.001]
+DEV_LABELS = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]  # majority class: 6 of 10
+
+
+def _final_metric(task: str, arm: str, n: int, seed: int, diffs: list[float]) -> float:
+    ref = (0.80 if task == "sst2" else 0.75) + 0.001 * seed
+    if arm == "default" and n > 1:
+        return ref + diffs[seed - 1]
+    if arm == "floor_dropout":
+        return ref + FLOOR_DIFFS[seed - 1]
+    if arm == "floor_all" and seed == 5:
+        return 0.55 if task == "sst2" else -0.02  # a failed run: at the majority baseline's side / below Pearson 0
+    if arm in ("floor_data", "floor_init", "floor_all"):
+        return ref + 0.004 * (-1) ** seed
+    return ref  # (8, 1) references, and the exact controlled arm
+
+
+def _predictions(task: str, arm: str, n: int, seed: int) -> list:
+    if task == "stsb":
+        base = [float(i) for i in range(10)]
+        if arm == "default" and n > 1:
+            base[0] += 0.3  # RMS difference sqrt(0.09 / 10)
+        return base
+    preds = list(DEV_LABELS)
+    if arm == "default" and n > 1:
+        preds[0] = 0  # 1 of 10 labelled differently
+    if arm == "floor_dropout":
+        preds[0], preds[9] = 0, 1  # 2 of 10
+    return preds
+
+
+def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: set[str] = frozenset(),
+                    diffs: list[float] = tuple(ACC_DIFFS)) -> tuple[Path, Path, Path]:
+    """Run folders for every planned cell of GRID (except `skip`; `unfinished` ones without final metrics; the
+    headline pairs' differences `diffs` by seed), a GLUE folder with the SST-2 dev labels, and the grid file;
+    returns (runs root, grid file, GLUE folder)."""
+    from bert_accum.core.data import write_glue_tsv
+    from bert_accum.study.grid import GridSpec, expand
+
+    glue = tmp_path / "glue"
+    write_glue_tsv(glue / "SST-2" / "dev.tsv", ["sentence", "label"], [[f"s{i}", str(y)] for i, y in enumerate(DEV_LABELS)])
+    grid = tmp_path / "conv.yaml"
+    grid.write_text(GRID)
+    root = tmp_path / "runs" / "conv"
+    for cell in expand(GridSpec.load(grid), runs_dir=str(root), set_values={"glue_dir": str(glue)}):
+        if cell.name in skip:
+            continue
+        cfg, b, n = cell.config, cell.micro_batch_size, cell.accumulation_steps
+        d = cell.run_dir
+        d.mkdir(parents=True)
+        steps = 8
+        derived = {"micro_batch_size": b, "accumulation_steps": n, "num_processes": 1, "effective_batch_size": b * n,
+                   "task": cell.task, "total_optimizer_steps": steps, "train_examples": 64, "epochs": 1,
+                   "num_warmup_steps": 0, "model_path": "/site-packages/tiny_model/model",
+                   "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed}}
+        (d / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}))
+        (d / "environment.json").write_text(json.dumps({"device": "cpu", "device_name": "test-cpu", "git_commit": "abc123",
+                                                        "python": "3.11", "torch_num_threads": 1,
+                                                        "packages": {"torch": "2.13", "transformers": "5.24"}}))
+        (d / "steps.jsonl").write_text("".join(json.dumps({"optimizer_step": s, "loss": 0.5, "grad_norm": 1.0,
+                                                           "learning_rate": 1e-4}) + "\n" for s in range(1, steps + 1)))
+        if cell.name in unfinished:
+            continue
+        metric_name = "accuracy" if cell.task == "sst2" else "pearson"
+        m = _final_metric(cell.task, cell.arm, n, cell.seed, list(diffs))
+        (d / "eval.jsonl").write_text(json.dumps({metric_name: m - 0.1, "optimizer_step": 4}) + "\n"
+                                      + json.dumps({metric_name: m, "optimizer_step": steps}) + "\n")
+        (d / "predictions.json").write_text(json.dumps({"optimizer_step": steps, "splits": {
+            "validation": _predictions(cell.task, cell.arm, n, cell.seed)}}))
+        (d / "final_metrics.json").write_text(json.dumps({
+            "status": "completed", "main_metric": metric_name, "eval": {metric_name: m, "num_examples": 10},
+            "optimizer_steps": steps, "train_seconds": 36.0, "examples_per_second": 2.0, "device": "cpu"}))
+    return root, grid, glue
+
+
+@pytest.fixture()
+def converged(tmp_path):
+    return write_converged(tmp_path)
+
+
+def _numbers(root: Path, grid: Path, glue_dir: str | None = None) -> dict:
+    from bert_accum.study import numbers
+    from bert_accum.study.report import load_converged
+
+    return numbers.compute([load_converged(root, grid)], [], {}, None, "command: test | git_commit: x", glue_dir=glue_dir)
+
+
+def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
+    root, grid, _ = converged
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # ACC_DIFFS: mean 0.001, sd sqrt(20e-6 / 9) = 0.00149071, se 0.000471405; t(0.95, 9) = 1.833113
+    assert nums[f"{p}.n"] == 10 and nums[f"{p}.required"] == 10 and nums[f"{p}.headline"]
+    assert nums[f"{p}.tost.mean"] == pytest.approx(0.001, abs=1e-9)
+    assert nums[f"{p}.tost.ci90_low"] == pytest.approx(0.001 - 1.833113 * 0.000471405, abs=1e-8)
+    assert nums[f"{p}.tost.ci90_high"] == pytest.approx(0.001 + 1.833113 * 0.000471405, abs=1e-8)
+    assert nums[f"{p}.verdict"] == "equivalent" and nums[f"{p}.tost.margin"] == 0.01
+    # the floors are found by which seeds their planned runs change against the default (8, 1) reference
+    assert nums["conv.sst2.e8.floors"] == ["dropout", "data", "init", "all"]
+    assert nums["conv.sst2.e8.floor.init.arm"] == "floor_init" and nums["conv.sst2.e8.floor.init.varied"] == ["seed"]
+    assert nums["conv.sst2.e8.floor.all.varied"] == ["data_seed", "dropout_seed", "seed"]
+    assert nums["conv.sst2.e8.floor.dropout.n"] == 10 and nums["conv.sst2.e8.floor.dropout.mean"] == pytest.approx(0.0, abs=1e-9)
+    # floor_data: +-0.004 alternating over seeds 1..5 -> mean |diff| 0.004
+    assert nums["conv.sst2.e8.floor.data.abs_mean"] == pytest.approx(0.004)
+    # spread: ACC_DIFFS and FLOOR_DIFFS have sums of squares 20e-6 and 30e-6 about their means 0.001 and 0
+    assert nums[f"{p}.spread.var_ratio"] == pytest.approx(20 / 30)
+    assert nums[f"{p}.spread.reading"] == "same spread, zero mean: a dropout re-seed (variance, not bias)"
+    # disagreement: 1 of 10 labels vs 2 of 10 for the dropout floor
+    assert nums[f"{p}.disagreement.mean"] == pytest.approx(0.1) and nums[f"{p}.disagreement.floor_mean"] == pytest.approx(0.2)
+    assert nums[f"{p}.disagreement.ratio"] == pytest.approx(0.5)
+    assert nums["conv.stsb.e8.pair.default.B2_N4.disagreement.mean"] == pytest.approx(math.sqrt(0.09 / 10))
+    # the exact arm: planned 3 seeds, all differences 0 -> equivalent at n = 3 of 3
+    c = "conv.sst2.e8.pair.controlled.B2_N4"
+    assert (nums[f"{c}.n"], nums[f"{c}.required"], nums[f"{c}.verdict"]) == (3, 3, "equivalent")
+    # failures: majority class 0.6 from the dev labels; floor_all seed 5 at 0.55 fails, stays in the table
+    assert nums["conv.sst2.baseline"] == pytest.approx(0.6) and nums["conv.sst2.baseline_rule"] == "majority"
+    cell = "conv.sst2.e8.cell.floor_all.B8_N1"
+    assert (nums[f"{cell}.finished"], nums[f"{cell}.failed"], nums[f"{cell}.failed_seeds"]) == (5, 1, [5])
+    assert nums[f"{cell}.failure_rate"] == pytest.approx(0.2)
+    assert nums["conv.stsb.baseline"] == 0.0 and nums["conv.stsb.e8.cell.floor_all.B8_N1.failed"] == 1
+    # the reference bar: every (8, 1) reference of sst2 is at 0.801..0.810 >= 0.78; stsb's 0.751..0.760 >= 0.70
+    assert nums["conv.sst2.e8.cell.default.B8_N1.cleared"] == 10 and nums["conv.stsb.e8.cell.default.B8_N1.cleared"] == 10
+    # the answer: all headline comparisons decided, variance not bias; the exact arm's switches from its configs
+    assert nums["answer.state"] == "variance" and nums["answer.equivalent"] == 2
+    assert nums["answer.exact_arm"] == "controlled"
+    assert set(nums["answer.exact_switches"]) == {"--dropout invariant", "--padding window", "--loss_normalization global"}
+    # how the runs were made: from config.json / environment.json
+    assert nums["conv.sst2.setup.learning_rate"] == 1e-4 and nums["conv.sst2.setup.max_train_samples"] == 64
+    assert nums["conv.stsb.setup.max_train_examples"] == 64 and nums["conv.setup.devices"] == "test-cpu"
+    assert nums["conv.sst2.e8.setup.total_optimizer_steps"] == 8
+    assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
+    assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
+    assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]
+
+
+def test_a_shifted_headline_pair_is_read_as_a_bias(tmp_path):
+    root, grid, _ = write_converged(tmp_path, diffs=[0.02 + d for d in ACC_DIFFS])
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # mean 0.021, 90% CI 0.021 +- 0.000864 lies beyond the 0.01 margin; the 95% interval excludes 0
+    assert nums[f"{p}.tost.ci90_low"] > 0.01 and nums[f"{p}.verdict"] == "different"
+    assert nums[f"{p}.spread.reading"] == "nonzero mean (bias)" and nums[f"{p}.spread.t_p"] < 1e-6
+    assert nums["answer.state"] == "bias" and nums["answer.different"] == 2 and len(nums["answer.biased"]) == 2
+    from bert_accum.study.templates import render
+
+    assert ("1. **A bias in every headline comparison** (sst2 default (2, 4) vs (8, 1), stsb default (2, 4) vs (8, 1))"
+            in render(nums, {}))
+
+
+def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tmp_path):
+    skip = {"sst2/default/B2_N4/seed9", "sst2/default/B2_N4/seed10", "stsb/floor_dropout/B8_N1/seed3"}
+    root, grid, _ = write_converged(tmp_path, skip=skip, unfinished={"sst2/default/B8_N1/seed8"})
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    # seeds 8 (reference unfinished), 9 and 10 (not started) are missing: 7 pairs, whatever their TOST says
+    assert nums[f"{p}.n"] == 7 and nums[f"{p}.missing_seeds"] == [8, 9, 10]
+    assert nums[f"{p}.tost.verdict"] == "equivalent" and nums[f"{p}.verdict"] == "not yet decidable (n = 7 of 10)"
+    assert nums[f"{p}.spread.reading"] == "not yet decidable (n = 7 of 10)"
+    # 2 tasks x (20 default + 6 controlled + 10 + 3 x 5 floor runs) = 102 planned
+    assert (nums["conv.planned"], nums["conv.finished"], nums["conv.unfinished"], nums["conv.missing"]) == (102, 98, 1, 3)
+    assert nums["conv.unfinished_names"] == ["sst2/default/B8_N1/seed8"]
+    cell = "conv.sst2.e8.cell.default.B8_N1"
+    assert nums[f"{cell}.unfinished_seeds"] == [8] and nums[f"{cell}.missing_seeds"] == []
+    assert nums["conv.stsb.e8.floor.dropout.n"] == 9
+    assert nums["answer.state"] == "undecided" and nums["answer.undecided"] == 1 and nums["answer.equivalent"] == 1
+
+
+def _build(root: Path, grid: Path, out: Path, **kw):
+    return build_report(ReportInputs(runs_dirs=[str(root)], grids=[str(grid)], probe_dir=kw.pop("probe_dir", None),
+                                     batchnorm_dir=None, output_dir=str(out), command="python scripts/report.py x", **kw))
+
+
+def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tmp_path):
+    import re
+
+    root, grid, _ = write_converged(tmp_path, skip={"sst2/default/B2_N4/seed10"})
+    for task, ratio in (("sst2", 0.95), ("rte", 0.5)):
+        (tmp_path / "probe" / task).mkdir(parents=True)
+        (tmp_path / "probe" / task / "probe.csv").write_text(
+            "# command: python scripts/probe.py | git_commit: abc\ntask,objective,arm,micro_batch_size,accumulation_steps,"
+            f"rel_l2,ratio_to_floor\n{task},classification,controlled_dropout_standard,2,4,0.4,{ratio}\n"
+            f"{task},classification,controlled,2,4,1e-7,2e-7\n")
+    report = _build(root, grid, tmp_path / "out", probe_dir=str(tmp_path / "probe"))
+    text = report.read_text()
+    nums = json.loads((tmp_path / "out" / "numbers.json").read_text())
+    assert nums["provenance"].startswith("command: python scripts/report.py x | git_commit: ")
+    answer = text.index("## The answer")
+    assert answer < text.index("## How the runs were made") < text.index("## 1. The converged study `conv`")
+    lines = text[answer:text.index("## How the runs were made")].strip().splitlines()[2:]
+    assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
+    # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
+    assert "1. **Not yet decidable.** Headline pairs finished: 19 of 20 (n = 9–10 of 10 per comparison)" in text
+    assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
+    assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
+    assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
+    # a task is shown its own probe table only
+    assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the seed floor" in text
+    assert "- stsb: no probe table of this task and objective" in text
+    # how the runs were made comes from config.json / environment.json, not from prose
+    assert "learning rate 0.0001 (linear" in text and "max_train_samples 64" in text and "on test-cpu at commit(s) abc123" in text
+    assert "missing seeds" in text and "| sst2 | 8 | default | (2, 4) | 10 | 9 | none | 10 |" in text
+    assert "- sst2: trivial baseline 0.6000 (accuracy of the majority class over the 10 dev labels" in text
+    # no range whose two ends print the same, no unfilled field
+    assert not re.search(r"(?<![\w.])(-?[\d.e+-]+)–\1(?![\w.])", text) and "{" not in text
+    for fig in ("forest_conv.png", "scatter_conv.png", "curves_conv.png"):
+        assert (tmp_path / "out/study/figures" / fig).stat().st_size > 1000 and f"(study/figures/{fig})" in text
+    tost = (tmp_path / "out/study/conv_tost.csv").read_text().splitlines()
+    assert tost[0].startswith("# command: python scripts/report.py x | git_commit: ") and len(tost) == 2 + 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "steps.jsonl").write_text('{"optimizer_step": 1}\n{"optimizer_step": 2\n{"optimizer_step": 3}\n'),
+     "steps.jsonl line 2: not a JSON object"),
+    (lambda d: (d / "config.json").unlink(), "final_metrics.json without config.json"),
+    (lambda d: (d / "predictions.json").write_text('{"optimizer_step": 8,\n "splits": }'), "predictions.json line 2: invalid JSON"),
+    (lambda d: (d / "eval.jsonl").write_text('{"accuracy": 0.8}\n\n'), "eval.jsonl line 2: not a JSON object"),
+])
+def test_a_malformed_run_folder_is_refused_before_anything_is_written(converged, tmp_path, damage, message):
+    from bert_accum.errors import BertAccumError
+
+    root, grid, _ = converged
+    damage(root / "sst2/default/B2_N4/seed3")
+    with pytest.raises(BertAccumError, match=message) as err:
+        _build(root, grid, tmp_path / "out")
+    assert "\n" not in str(err.value) and "sst2/default/B2_N4/seed3" in str(err.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_runs_that_differ_beyond_the_compared_factor_are_never_paired(study, converged, tmp_path):
+    from bert_accum.errors import BertAccumError
+
+    # early-training study (no grid): the (8, 4) run of seed 2 was made with another learning rate than its cell ...
+    def set_lr(seed: int) -> None:
+        path = study / f"runs/study/rte/default/B8_N4/seed{seed}/config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "learning_rate": 5e-5}))
+
+    set_lr(2)
+    with pytest.raises(BertAccumError, match=r"refusing to pair .*B8_N4/seed2 with .*B8_N4/seed1: besides "
+                                             r"data_seed, dropout_seed, seed they differ in learning_rate"):
+        summarise(load_runs([study / "runs/study"]))
+    # ... and the whole (8, 4) cell with another one than its (32, 1) reference
+    set_lr(1)
+    set_lr(3)
+    with pytest.raises(BertAccumError, match=r"refusing to pair .*B8_N4/seed1 with .*B32_N1/seed1: besides "
+                                             r"accumulation_steps, micro_batch_size they differ in learning_rate"):
+        summarise(load_runs([study / "runs/study"]))
+    # converged study: a run whose settings are not its grid cell's (another data source size)
+    root, grid, _ = converged
+    path = root / "stsb/floor_data/B8_N1/seed2/config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "max_train_examples": 128}))
+    with pytest.raises(BertAccumError, match="other settings than its cell .*max_train_examples"):
+        _build(root, grid, tmp_path / "out")
+
+
+def test_figures_are_moved_into_place_whole_or_not_at_all(converged, tmp_path, monkeypatch):
+    from bert_accum.study import figures
+
+    root, grid, _ = converged
+    out = tmp_path / "out"
+    _build(root, grid, out)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "study/figures").iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib fell over")
+
+    monkeypatch.setattr(figures, "curves", broken)
+    with pytest.raises(RuntimeError):
+        _build(root, grid, out)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "study/figures").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(RuntimeError):
+        _build(root, grid, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_default_output_is_a_new_folder_under_reports(converged, tmp_path, monkeypatch):
+    root, grid, _ = converged
+    monkeypatch.chdir(tmp_path)
+    report = build_report(ReportInputs(runs_dirs=[str(root)], grids=[str(grid)], probe_dir=None, batchnorm_dir=None,
+                                       command="x"))
+    assert report.parent.parent == Path("reports") and report.is_file()
+
+
+def test_cli_help_exits_zero():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--output_dir" in done.stdout and "--grid" in done.stdout
+
+
+def test_a_probe_table_holds_one_task(tmp_path):
+    from bert_accum.errors import BertAccumError
+    from bert_accum.study.report import read_probe
+
+    path = tmp_path / "probe.csv"
+    path.write_text("task,objective,arm,rel_l2,ratio_to_floor\nrte,classification,default,0.5,1.0\n"
+                    "sst2,classification,default,0.4,0.9\n")
+    with pytest.raises(BertAccumError, match="one probe table per task"):
+        read_probe(path)
+
+
+def test_the_committed_early_tables_are_read_back():
+    from bert_accum.study.report import read_early_tables
+
+    root = Path(__file__).resolve().parents[1] / "results" / "study"
+    studies = {s.name: s for s in read_early_tables(root)}
+    assert sorted(studies) == ["study", "study_bugs"]
+    bug = next(s for s in studies["study_bugs"].summaries if s.arm == "bug_scheduler_in_micro_steps")
+    assert bug.n_pairs == 3 and bug.diff_mean == pytest.approx(0.0745, abs=1e-4) and bug.ci_excludes_zero
+    assert len(studies["study"].runs) == 108 and {r["optimizer_steps"] for r in studies["study"].runs} == {20}
+
+
+def test_a_section_of_another_study_script_is_included_with_its_provenance(converged, tmp_path):
+    from bert_accum.errors import BertAccumError
+
+    root, grid, _ = converged
+    section = tmp_path / "trainer.md"
+    section.write_text("<!-- command: python scripts/trainer_study.py | git_commit: abc -->\n## The Hugging Face Trainer\n\n"
+                       "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n")
+    text = _build(root, grid, tmp_path / "out", sections=[str(section)]).read_text()
+    body = text.index("## The Hugging Face Trainer")
+    assert "4.000x" in text and text.index("command: python scripts/trainer_study.py | git_commit: abc", body) > body
+    unheaded = tmp_path / "plain.md"
+    unheaded.write_text("## Typed by hand\n")
+    with pytest.raises(BertAccumError, match="provenance"):
+        _build(root, grid, tmp_path / "out2", sections=[str(unheaded)])
+    assert not (tmp_path / "out2").exists()
+
+
+def test_regenerating_into_the_early_tables_folder_keeps_them(converged, tmp_path):
+    """--early_csv results/study with --output_dir results: the converged study's tables get their own names, so
+    the committed early tables the report reads back are not replaced by it."""
+    root, grid, _ = converged
+    out = tmp_path / "out"
+    _build(root, grid, out)
+    early = out / "study"
+    (early / "runs.csv").write_text("# early\nstudy,task\nstudy,rte\n")
+    _build(root, grid, out)
+    assert (early / "runs.csv").read_text() == "# early\nstudy,task\nstudy,rte\n"
+    assert (early / "conv_runs.csv").read_text().startswith("# command: ")

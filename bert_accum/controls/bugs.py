@@ -12,10 +12,18 @@ from ..errors import BertAccumError
 
 BUG_MODES = (
     "step_mod_boundaries",
-    "scheduler_in_micro_steps",
+    "schedule_sized_in_micro_batches",
+    "scheduler_stepped_per_micro_batch",
     "last_window_1_over_n",
     "clip_per_micro_batch",
 )
+# Earlier names, still accepted (run folders and grid files written before the rename use them).
+_RENAMED = {"scheduler_in_micro_steps": "schedule_sized_in_micro_batches"}
+
+
+def canonical_bug_names(names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """Bug names with earlier spellings replaced by today's."""
+    return [_RENAMED.get(n, n) for n in names or []]
 
 
 @dataclass(frozen=True)
@@ -24,8 +32,12 @@ class BugModes:
 
     step_mod_boundaries: bool = False
     """Windows end where `micro_step % N == 0` (counted from 0): a one-micro-batch step opens every epoch."""
-    scheduler_in_micro_steps: bool = False
-    """The LR schedule (warmup and length) is sized in micro-steps but stepped once per optimizer step."""
+    schedule_sized_in_micro_batches: bool = False
+    """The LR schedule (warmup and length) is sized in micro-batches but stepped once per optimizer step, so it
+    runs N times too slowly: the LR ends at about 1 - 1/N of its peak instead of near 0."""
+    scheduler_stepped_per_micro_batch: bool = False
+    """`scheduler.step()` inside the micro-batch loop: the schedule (sized in optimizer steps) runs N times too
+    fast, so optimizer step k uses the LR of step k*N - 1 and the LR reaches its end after 1/N of training."""
     last_window_1_over_n: bool = False
     """Every micro-batch loss is divided by N, also in a short last window (which then counts too little)."""
     clip_per_micro_batch: bool = False
@@ -34,7 +46,7 @@ class BugModes:
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...] | None) -> "BugModes":
         """From the `--bug_modes` names; an unknown name is a one-line error."""
-        names = list(names or [])
+        names = canonical_bug_names(names)
         unknown = [n for n in names if n not in BUG_MODES]
         if unknown:
             raise BertAccumError(f"unknown bug mode {unknown[0]!r}; choose from {', '.join(BUG_MODES)}")
@@ -47,7 +59,7 @@ class BugModes:
 
     def schedule_scale(self, accumulation_steps: int) -> int:
         """Factor on the schedule's warmup and length: N when it is sized in micro-steps, else 1."""
-        return accumulation_steps if self.scheduler_in_micro_steps else 1
+        return accumulation_steps if self.schedule_sized_in_micro_batches else 1
 
     @property
     def names(self) -> list[str]:

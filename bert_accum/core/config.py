@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..controls.bugs import BUG_MODES, BugModes
+from ..controls.bugs import BUG_MODES, BugModes, canonical_bug_names
 from ..errors import BertAccumError
 
 EMBEDDED_MODEL = "embedded"
@@ -28,6 +28,18 @@ PADDING_MODES = ("dynamic", "window", "max_length")
 LOSS_NORMALIZATIONS = ("mean_of_means", "global")
 OBJECTIVES = ("classification", "mlm")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt")
+"""The values of transformers' `SchedulerType` that the loop can drive: built from (warmup, total steps) alone and
+stepped without a metric (`tests/test_bad_inputs.py` checks this list against the installed transformers).
+Written out rather than imported so that a bad flag is refused before torch and transformers load."""
+MAX_SEED = 2**32 - 1  # numpy's seeds (set by accelerate's set_seed) must fit in 32 bits
+RUNTIME_FIELDS = frozenset({
+    "resume_from_checkpoint", "overwrite_output_dir", "disable_progress_bar", "glue_dir", "cache_dir", "output_dir",
+    "checkpointing_steps", "checkpoints_total_limit", "with_tracking", "report_to",
+})
+"""Fields that say where and how a run is kept, not what it computes: they may differ between a run folder's
+config.json and the command that resumes it (or a grid cell that finds it)."""
 
 
 STUDY_NAMES = {
@@ -133,7 +145,7 @@ class TrainConfig:
         "Train on this many examples in all (optimizer steps = ceil(n / effective batch)), so runs of different "
         "effective batch see the same data; overrides --num_train_epochs, exclusive with --max_train_steps.",
     )
-    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...).")
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name.", choices=LR_SCHEDULER_TYPES)
     num_warmup_steps: int = _f(0, "Warmup length in optimizer steps.")
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of the total optimizer steps (used when --num_warmup_steps is 0).")
     max_grad_norm: float | None = _f(1.0, "Clip the accumulated gradient to this L2 norm (<= 0 or None: no clipping).")
@@ -244,20 +256,29 @@ class TrainConfig:
         return int(self.eval_steps)
 
     def validate(self) -> None:
-        """Reject values that cannot make a run, with a one-line message each."""
+        """Reject values that cannot make a run, with a one-line message each, before anything is loaded or written."""
+        from .tasks import get_task
+
         if self.train_file is None and not self.task_name:
             raise BertAccumError("--task_name is required (or give --train_file/--validation_file: the labels are then "
                                  "taken from the training file)")
         if self.train_file is None and self.task_name.strip().lower() == "custom":
             raise BertAccumError("--task_name custom takes its labels from --train_file/--validation_file; give them")
+        if self.task_name:
+            get_task(self.task_name)
         if self.per_device_train_batch_size < 1:
             raise BertAccumError(f"micro batch size B must be >= 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise BertAccumError(f"accumulation steps N must be >= 1, got {self.gradient_accumulation_steps}")
         if self.effective_batch_size is not None and self.effective_batch_size < 1:
             raise BertAccumError(f"effective batch size must be >= 1, got {self.effective_batch_size}")
+        _at_least(self, 1, "per_device_eval_batch_size", "fingerprint_dim")
+        _at_least(self, 1, "max_train_samples", "max_eval_samples", optional=True)
+        _at_least(self, 0, "num_warmup_steps")
         if self.max_length < 2:
             raise BertAccumError(f"--max_length must be >= 2, got {self.max_length}")
+        if self.text_column_names is not None and not 1 <= len(self.text_column_names) <= 2:
+            raise BertAccumError(f"--text_column_names takes one or two column names, got {len(self.text_column_names)}")
         if (self.train_file is None) != (self.validation_file is None):
             raise BertAccumError("--train_file and --validation_file must be given together")
         if self.glue_dir is not None and self.train_file is not None:
@@ -266,6 +287,18 @@ class TrainConfig:
             raise BertAccumError(f"--max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.num_train_epochs < 1 and self.max_train_steps is None:
             raise BertAccumError(f"--num_train_epochs must be >= 1, got {self.num_train_epochs}")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise BertAccumError(f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "adam_epsilon"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise BertAccumError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.max_grad_norm is not None and not math.isfinite(self.max_grad_norm):
+            raise BertAccumError(f"--max_grad_norm must be a finite number (<= 0: no clipping), got {self.max_grad_norm}")
+        for name in ("seed", "data_seed", "dropout_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_SEED:
+                raise BertAccumError(f"--{name} must be in [0, {MAX_SEED}], got {value}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise BertAccumError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.mlm_probability < 1.0:
@@ -275,18 +308,34 @@ class TrainConfig:
                 raise BertAccumError(f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise BertAccumError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
-        if self.eval_steps is not None and not (0 < self.eval_steps < 1 or float(self.eval_steps).is_integer()):
+        if self.eval_steps is not None and not (0 < self.eval_steps < 1 or (self.eval_steps >= 1 and float(self.eval_steps).is_integer())):
             raise BertAccumError(f"--eval_steps must be a whole number >= 1 or a fraction in (0, 1), got {self.eval_steps}")
+        bad_steps = [s for s in self.fingerprint_steps if s < 0]
+        if bad_steps:
+            raise BertAccumError(f"--fingerprint_steps must be optimizer steps >= 0, got {bad_steps[0]}")
         if self.max_train_examples is not None:
             if self.max_train_examples < 1:
                 raise BertAccumError(f"--max_train_examples must be >= 1, got {self.max_train_examples}")
             if self.max_train_steps is not None:
                 raise BertAccumError("give --max_train_examples or --max_train_steps, not both")
-        for name in ("dropout", "padding", "loss_normalization", "objective", "precision"):
-            allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}[name]
-            if getattr(self, name) not in allowed:
-                raise BertAccumError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}
+        for name in ("dropout", "padding", "loss_normalization", "objective", "precision", "lr_scheduler_type"):
+            if getattr(self, name) not in allowed[name]:
+                raise BertAccumError(f"--{name} must be one of {', '.join(allowed[name])}, got {getattr(self, name)!r}")
         BugModes.parse(self.bug_modes)
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """Fields on which a saved config.json disagrees with this config, runtime fields left out.
+
+        A key missing from `saved` counts as that field's default: fields are added over time, and a folder
+        written before a field existed was made with the behaviour its default keeps.
+        """
+        defaults = TrainConfig()
+        names = {f.name for f in dataclasses.fields(self)} - RUNTIME_FIELDS
+        values = {k: v for k, v in saved.items() if k != "derived"}
+        unknown = sorted(set(values) - names - RUNTIME_FIELDS)
+        diff = [k for k in sorted(names) if values.get(k, getattr(defaults, k)) != getattr(self, k)]
+        return diff + unknown
 
     def to_argv(self, always: tuple[str, ...] = ("task_name", "per_device_train_batch_size", "seed")) -> list[str]:
         """The `scripts/finetune.py` flags that rebuild this config: fields that differ from the defaults,
@@ -323,10 +372,22 @@ class TrainConfig:
             raise BertAccumError(f"unknown config key(s): {', '.join(unknown)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {k: _coerce(fields[k], v) for k, v in values.items()}
+        if values.get("bug_modes"):
+            values["bug_modes"] = canonical_bug_names(values["bug_modes"])
         cfg = cls(**values)
         if cfg.checkpointing_steps is not None:
             cfg.checkpointing_steps = str(cfg.checkpointing_steps)
         return cfg
+
+
+def _at_least(cfg: TrainConfig, minimum: int, *names: str, optional: bool = False) -> None:
+    """Refuse an integer field below `minimum` (None passes where `optional`)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if value < minimum:
+            raise BertAccumError(f"--{name} must be >= {minimum}, got {value}")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
@@ -355,8 +416,10 @@ def _type_of(f: dataclasses.Field) -> Any:
 
 def build_parser(cls: type = TrainConfig, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """argparse parser with one `--flag` per dataclass field, help text and defaults taken from the field."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # argparse %-formats help strings ("%(default)s"), so a literal % ("80% [MASK]") must be doubled.
@@ -438,12 +501,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     # Taken out of argv above (so it never reaches config.json); declared here for --help only.
     parser.add_argument("--token", help="Hugging Face token for private Hub models, handed to huggingface_hub as "
                                         "HF_TOKEN; never written to the run folder.")
-    try:
-        ns = parser.parse_args(rest)
-    except SystemExit as exc:
-        if exc.code:  # argparse already printed its usage line and the reason
-            raise BertAccumError("invalid command-line arguments (see the usage line above)") from None
-        raise  # --help
+    ns = parser.parse_args(rest)  # a bad flag: one error line and exit 2; --help: exit 0
     values = vars(ns)
     values.pop("token")
     values.update(overrides)

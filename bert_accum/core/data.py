@@ -202,6 +202,25 @@ def load_raw_splits(
     )
 
 
+def load_eval_labels(task: TaskSpec, *, glue_dir: str | None = None, train_file: str | None = None,
+                     validation_file: str | None = None, label_column_name: str | None = None) -> dict[str, list]:
+    """The labels of each evaluation split in file order, parsed as `load_raw_splits` parses them, from a GLUE
+    folder or user files (never the Hub, no cache written): the study report's trivial-baseline input."""
+    if glue_dir is not None:
+        folder = _find_task_folder(task, glue_dir)
+        out = {}
+        for split in task.eval_splits:
+            path = folder / _GLUE_SPLIT_FILES[split]
+            if not path.is_file():
+                raise BertAccumError(f"missing GLUE file {path} (split {split!r} of task {task.name})")
+            out[split] = _read_glue_file(task, _GLUE_LAYOUTS[task.name], path, split)["label"]
+        return out
+    if train_file is not None and validation_file is not None:
+        splits = _load_user_files(task, train_file, validation_file, None, label_column_name)
+        return {split: splits[split]["label"] for split in task.eval_splits}
+    raise BertAccumError(f"dev labels of task {task.name} need a GLUE folder or --train_file/--validation_file")
+
+
 # --------------------------------------------------------------------------------------------
 # Normalisation shared by all sources
 # --------------------------------------------------------------------------------------------
@@ -342,7 +361,10 @@ def _load_glue_dir(task: TaskSpec, glue_dir: str) -> dict[str, dict[str, list]]:
 
 def _open_text(path: Path):
     # utf-8-sig strips MRPC's byte-order mark (and any other file's); newline="" as csv requires.
-    return open(path, encoding="utf-8-sig", newline="")
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:  # no permission, a folder where a file should be, ...
+        raise BertAccumError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _read_glue_file(task: TaskSpec, layout: _GlueLayout, path: Path, split: str) -> dict[str, list]:

@@ -8,7 +8,7 @@
       fingerprints.npz   parameter fingerprints at chosen optimizer steps (when asked)
       predictions.json   dev-set predictions of the latest evaluation (classification and regression)
       final_metrics.json status, last evaluation, throughput
-      checkpoints/       accelerate states for --checkpointing_steps
+      checkpoints/       plain-data checkpoints for --checkpointing_steps (see core/checkpoint.py)
 """
 
 from __future__ import annotations
@@ -101,11 +101,24 @@ def cpu_info() -> dict[str, Any]:
 def prepare_output_dir(output_dir: str, overwrite: bool, resuming: bool) -> Path:
     """Check the folder may be written; refuse a non-empty one unless overwriting or resuming into it."""
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise BertAccumError(f"--output_dir {output_dir} exists and is not a folder")
+    check_writable_dir(path)
     if path.exists() and any(path.iterdir()) and not (overwrite or resuming):
         raise BertAccumError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite_output_dir or choose another")
     return path
+
+
+def check_writable_dir(path: Path, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is a file or cannot be created or written, before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BertAccumError(f"{flag} {path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BertAccumError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BertAccumError(f"{flag} {path}: no permission to write in {existing}")
 
 
 def create_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
@@ -122,17 +135,77 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete rows of a JSONL file (a torn last line from a kill is ignored)."""
+def read_jsonl(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """All rows of a JSONL file ([] when it does not exist).
+
+    A last line without its newline that does not parse is a write torn by a kill and is dropped, unless
+    `strict` (a finished run has none). Any other line that is not a JSON object is damage: a BertAccumError
+    names the file and line, so no caller silently uses the rows before it as if they were all.
+    """
     if not path.exists():
         return []
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise BertAccumError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    lines = text.split("\n")
+    torn = lines.pop()  # "" after a final newline; otherwise a last line whose write was cut off
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate([*lines, torn] if torn else lines, start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break
+            row = None
+        if not isinstance(row, dict):
+            if number == len(lines) + 1 and not strict:
+                break
+            raise BertAccumError(f"{path} line {number}: not a JSON object ({'torn last line' if number > len(lines) else 'damaged'})")
+        rows.append(row)
     return rows
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; a missing, unreadable or malformed file is a one-line BertAccumError naming it."""
+    if not path.is_file():
+        raise BertAccumError(f"{path} is missing")
+    try:
+        obj = json.loads(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise BertAccumError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise BertAccumError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise BertAccumError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def run_problem(run_dir: Path) -> str | None:
+    """Why a run folder with final_metrics.json is not a verified finished run, or None when it is one.
+
+    Verified means: final_metrics.json and config.json are JSON objects, and steps.jsonl holds exactly one row
+    per optimizer step, 1..the run's last step (all of them for a completed run; up to the step before the
+    failing one for a run stopped on a non-finite loss).
+    """
+    run_dir = Path(run_dir)
+    try:
+        final = read_json(run_dir / "final_metrics.json")
+        config = read_json(run_dir / "config.json")
+        rows = read_jsonl(run_dir / "steps.jsonl", strict=True)
+    except BertAccumError as exc:
+        return str(exc)
+    if final.get("status") == "non_finite_loss":
+        # Stopped at the failing step (`optimizer_step`), whose row was never written.
+        failing = final.get("optimizer_step")
+        expected = failing - 1 if isinstance(failing, int) else len(rows)
+    else:
+        derived = config.get("derived") if isinstance(config.get("derived"), dict) else {}
+        expected = final.get("optimizer_steps", derived.get("total_optimizer_steps"))
+    if not isinstance(expected, int) or expected < 0:
+        return f"{run_dir / 'final_metrics.json'}: no optimizer step count"
+    steps = [r.get("optimizer_step") for r in rows]
+    if steps != list(range(1, expected + 1)):
+        return f"{run_dir / 'steps.jsonl'}: {len(rows)} step rows, expected one per optimizer step 1..{expected}"
+    return None
 
 
 class JsonlWriter:

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 
 from ..controls.bugs import BugModes
 from ..controls.loss import count_items, micro_loss_scale, per_item_loss
-from .checkpoint import TrainingProgress, latest_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (TrainingProgress, check_resume_config, load_checkpoint, prune_checkpoints, resolve_checkpoint,
+                         save_checkpoint)
 from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
 from .records import RunRecorder, create_output_dir, prepare_output_dir
@@ -98,20 +100,18 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
     accelerator.print(s.arithmetic())
     model, optimizer = accelerator.prepare(s.model, s.optimizer)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(s.scheduler, progress)
     eval_loaders = _eval_loaders(s.tokenized, s.task, s.tokenizer, cfg, accelerator)
 
     resume_path = None
     if resuming:
-        resume_path = latest_checkpoint(out) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if not resume_path.is_dir():
-            raise BertAccumError(f"checkpoint folder not found: {resume_path}")
+        resume_path = resolve_checkpoint(out, cfg.resume_from_checkpoint, quiet=not accelerator.is_main_process)
+        check_resume_config(out, resume_path, cfg, W)
 
     if accelerator.is_main_process:
         create_output_dir(out, cfg.overwrite_output_dir, resuming)
     accelerator.wait_for_everyone()
     if resume_path is not None:
-        accelerator.load_state(str(resume_path))
+        load_checkpoint(resume_path, accelerator, model, optimizer, s.scheduler, progress)
         accelerator.print(f"[bert_accum] resumed from {resume_path} at optimizer step {progress.optimizer_step}")
     recorder = RunRecorder(out, accelerator, cfg, s.derived(), resume_at=progress.optimizer_step if resuming else None)
     if recorder.fingerprinter is not None and 0 in cfg.fingerprint_steps and progress.optimizer_step == 0:
@@ -127,6 +127,7 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         "synthetic_data": s.task.name == "synthetic",
         **s.derived(),
         "optimizer_steps": progress.optimizer_step,
+        "clipped_fraction": progress.clipped_steps / max(progress.optimizer_step, 1),
         "examples_seen": progress.examples_seen,
         "train_seconds": round(progress.train_seconds, 3),
         "examples_per_second": progress.examples_seen / seconds,
@@ -179,6 +180,7 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                 )
                 progress.optimizer_step += 1
                 progress.micro_step += row["micro_steps"]
+                progress.clipped_steps += row["clipped"]
                 progress.examples_seen += row["examples"]
                 progress.real_tokens_seen += row["real_tokens"]
                 seconds = time.perf_counter() - t0
@@ -203,7 +205,7 @@ def fit(s: RunSetup, model, optimizer, accelerator, progress: TrainingProgress, 
                 if step in cfg.fingerprint_steps:
                     recorder.fingerprint(step, accelerator.unwrap_model(model))
                 if (ckpt_every and step % ckpt_every == 0) or (cfg.checkpointing_steps == "epoch" and end_of_epoch):
-                    save_checkpoint(accelerator, recorder.out / "checkpoints", step)
+                    save_checkpoint(accelerator, recorder.out / "checkpoints", step, model, optimizer, s.scheduler, progress)
                     if accelerator.is_main_process and cfg.checkpoints_total_limit:
                         prune_checkpoints(recorder.out, cfg.checkpoints_total_limit)
     except NonFiniteLossError as exc:
@@ -296,9 +298,11 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     bugs = BugModes.parse(cfg.bug_modes)
     one_over_n = bugs.one_over_n
     after_backward = None
+    micro_clips: list[bool] = []
     if bugs.clip_per_micro_batch and cfg.max_grad_norm and cfg.max_grad_norm > 0:
         def after_backward():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            micro_clips.append(float(norm) > cfg.max_grad_norm)
     acc = accumulate_window(
         model, micro_batches, epoch=epoch, dropout=dropout, kind=kind, loss_normalization=cfg.loss_normalization,
         window_items=window_items, window_examples=len(everyone), accumulation_steps=N, num_processes=W,
@@ -321,10 +325,16 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
         accelerator.unscale_gradients()
     # `groups` is keyed by the bare model's parameter names; under DDP `model` is the wrapper ("module." prefix).
     grad_norm, per_group = _grad_norms(accelerator.unwrap_model(model), groups)
-    clipped = False
+    clipped = any(micro_clips)  # clip_per_micro_batch: clipping acted on some micro-batch of the window
     if cfg.max_grad_norm and cfg.max_grad_norm > 0 and not bugs.clip_per_micro_batch:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         clipped = grad_norm > cfg.max_grad_norm
+    if bugs.scheduler_stepped_per_micro_batch:
+        # The micro-steps of this window stepped the schedule too: all but the last before the update.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(n_micro - 1):
+                scheduler.step()
     lr = scheduler.get_last_lr()[0]
     if before_optimizer_step is not None:
         before_optimizer_step(accelerator.unwrap_model(model), progress.optimizer_step + 1)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.config import TrainConfig
-from ..core.records import read_jsonl
+from ..core.records import check_writable_dir, read_jsonl
 from ..errors import BertAccumError
 from .plumbing import fmt, header, provenance
 
@@ -142,6 +142,8 @@ def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, 
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BertAccumError(f"{out} exists and is not empty; pass --overwrite")
+    check_writable_dir(out, "--output_dir")
+    # No mkdir here: generate_synthetic_glue checks its sizes before it creates the folder, so bad input leaves none.
     data_dir = generate_synthetic_glue(str(out / "data"), n_train=n_train, n_dev=n_dev, seed=seed,
                                        negation_rate=negation_rate)
     shutil.rmtree(out / "runs", ignore_errors=True)  # an earlier demo's runs (another grid) must not be read back
@@ -149,9 +151,9 @@ def run_demo(output_dir: str, grid: tuple[tuple[int, int], ...] = DEFAULT_GRID, 
     runs = demo_runs(out, data_dir, grid, epochs=epochs, seed=seed, max_length=max_length, learning_rate=learning_rate,
                      model_name_or_path=model_name_or_path, fingerprint_steps=fingerprint_schedule(total))
 
-    from ..core.train import run  # torch and transformers: only once the input is known to be good
+    import torch  # torch and transformers: only once the input is known to be good
 
-    import torch
+    from ..core.train import run
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ to some of the grid's seeds and (B, N) pairs (a noise floor needs only the (E, 1
 ``seed_offsets`` (also a top-level key, the default of every arm) sets `seed`, `data_seed` or `dropout_seed`
 to the cell's seed plus an offset, e.g. ``{dropout_seed: 100}`` for a dropout-only floor.
 ``equivalence_margins`` ({task: {metric: margin}}) states the equivalence margins of the study before it runs;
-the grid only records them, the report reads them.
+``reference_thresholds`` ({task: {metric: value}}) the final metric the (E, 1) reference must reach for the study to
+count as converged; the grid only records both, the report reads them.
 
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
@@ -29,14 +30,24 @@ then the next seed), so a grid cut off part-way still holds complete paired comp
 
 Resumption, per cell, from what its run folder holds:
 
-* ``final_metrics.json`` present: finished (completed, or stopped on a non-finite loss), skipped;
-* a ``checkpoints/step_*`` folder: interrupted, resumed with ``--resume_from_checkpoint latest``; the run
-  truncates ``steps.jsonl``/``eval.jsonl`` to the checkpoint's step, so no row is duplicated or lost;
-* anything else (killed before its first checkpoint): started again from scratch.
+* ``final_metrics.json`` present and verified (``steps.jsonl`` holds one row per optimizer step, 1..the last):
+  finished (completed, or stopped on a non-finite loss), skipped;
+* ``final_metrics.json`` present but the records incomplete or unreadable: damaged, run again from scratch;
+* a checkpoint (``checkpoints/step_*`` with a manifest): interrupted, resumed with
+  ``--resume_from_checkpoint latest``; the run truncates ``steps.jsonl``/``eval.jsonl`` to the checkpoint's
+  step, so no row is duplicated or lost;
+* anything else (killed before its first checkpoint): stale, started again from scratch.
 
 A folder whose ``config.json`` disagrees with the cell (the grid file was edited) is an error, never
 silently mixed into the results. Checkpoints are deleted once a cell finishes (``keep_checkpoints: true``
 keeps them).
+
+Several grid processes may work on one runs folder (two shells, a SLURM array, ``--parallel`` in each):
+a cell is run under an exclusive lock, ``<runs_dir>/.locks/<cell>.lock`` (``fcntl.flock``, held by the grid
+process and inherited by the cell's process). A grid process that finds a cell locked does not wait: it
+skips the cell, says so (``taken by another process``) and goes on with the next; ``--status`` shows such
+a cell as ``running``. The cell's process dies with the grid process that started it (``PR_SET_PDEATHSIG``
+on Linux), so killing a grid never leaves a cell running on, unlocked, as an orphan.
 """
 
 from __future__ import annotations
@@ -55,20 +66,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.checkpoint import has_checkpoint
 from ..core.config import TrainConfig, canonical_keys
+from ..core.records import run_problem
 from ..errors import BertAccumError
 
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
-    "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins",
+    "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins", "reference_thresholds",
 }
 # Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
 ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
 SEED_FIELDS = ("seed", "data_seed", "dropout_seed")
 # Set by the grid for every cell; a grid file that sets them itself would contradict its own layout.
 _CELL_KEYS = ("task_name", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "output_dir")
-# Fields that may legitimately differ between a cell and the config.json of its (resumed) run folder.
-_RUNTIME_KEYS = {"resume_from_checkpoint", "overwrite_output_dir", "disable_progress_bar", "glue_dir", "cache_dir"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,8 @@ class GridSpec:
     seed_offsets: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per arm: {seed field: offset added to the cell's seed}."""
     equivalence_margins: dict[str, dict[str, float]] = field(default_factory=dict)
+    reference_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per task: {metric: the final value the (E, 1) reference must reach}."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -115,28 +128,27 @@ class GridSpec:
         unknown = sorted(set(raw) - GRID_KEYS)
         if unknown:
             raise BertAccumError(f"{source}: unknown grid key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(GRID_KEYS))}")
-        for key in ("tasks", "seeds"):
-            if not raw.get(key):
-                raise BertAccumError(f"{source}: '{key}' must be a non-empty list")
+        _check_types(raw, source)
         if ("batches" in raw) == ("micro_batch_sizes" in raw):
             raise BertAccumError(f"{source}: give either 'batches' ([[B, N], ...]) or 'micro_batch_sizes' with 'effective_batch_size'")
         if "batches" in raw:
             batches = _batch_pairs(raw["batches"], f"{source}: batches")
         else:
             e = raw.get("effective_batch_size")
-            if not e:
+            if e is None:
                 raise BertAccumError(f"{source}: 'micro_batch_sizes' needs 'effective_batch_size'")
-            bad = [b for b in raw["micro_batch_sizes"] if e % b]
+            sizes = _int_list(raw["micro_batch_sizes"], f"{source}: micro_batch_sizes", minimum=1)
+            bad = [b for b in sizes if e % b]
             if bad:
                 raise BertAccumError(f"{source}: micro batch size(s) {bad} do not divide effective_batch_size {e}")
-            batches = [(int(b), e // int(b)) for b in raw["micro_batch_sizes"]]
+            batches = [(b, e // b) for b in sizes]
         arms = {a: dict(v or {}) for a, v in (raw.get("arms") or {"default": {}}).items()}
-        seeds = [int(s) for s in raw["seeds"]]
+        seeds = _int_list(raw["seeds"], f"{source}: seeds", minimum=0)
         default_offsets = _seed_offsets(raw.get("seed_offsets") or {}, f"{source}: seed_offsets")
         arm_seeds, arm_batches, offsets = {}, {}, {}
         for a, values in arms.items():
             if "seeds" in values:
-                arm_seeds[a] = [int(s) for s in values.pop("seeds")]
+                arm_seeds[a] = _int_list(values.pop("seeds"), f"{source}: arms.{a}.seeds", minimum=0)
                 stray = sorted(set(arm_seeds[a]) - set(seeds))
                 if stray:
                     raise BertAccumError(f"{source}: arms.{a}.seeds {stray} are not among the grid's seeds")
@@ -162,8 +174,8 @@ class GridSpec:
             shared=shared, task_overrides={t: dict(v or {}) for t, v in overrides.items()},
             keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
             arm_seeds=arm_seeds, arm_batches=arm_batches, seed_offsets=offsets,
-            equivalence_margins={t: {m: float(x) for m, x in (v or {}).items()}
-                                 for t, v in (raw.get("equivalence_margins") or {}).items()},
+            equivalence_margins=_task_metric_values(raw.get("equivalence_margins"), f"{source}: equivalence_margins"),
+            reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
         )
 
     @classmethod
@@ -183,12 +195,62 @@ class GridSpec:
         return cls.from_dict(raw, source=str(p))
 
 
+def _check_types(raw: dict[str, Any], source: str) -> None:
+    """One-line errors for grid values of the wrong YAML type (a bare number where a list belongs, text for a
+    number, a list where a mapping belongs), before anything iterates over them."""
+    if not isinstance(raw.get("tasks"), list) or not raw["tasks"] or not all(isinstance(t, str) for t in raw["tasks"]):
+        raise BertAccumError(f"{source}: 'tasks' must be a non-empty list of task names, got {raw.get('tasks')!r}")
+    if not isinstance(raw.get("seeds"), list) or not raw["seeds"]:
+        raise BertAccumError(f"{source}: 'seeds' must be a non-empty list of integers, got {raw.get('seeds')!r}")
+    if "effective_batch_size" in raw and not _is_int(raw["effective_batch_size"], 1):
+        raise BertAccumError(f"{source}: 'effective_batch_size' must be an integer >= 1, got {raw['effective_batch_size']!r}")
+    for key in ("runs_dir", "name"):
+        if key in raw and not isinstance(raw[key], (str, int)):
+            raise BertAccumError(f"{source}: '{key}' must be text, got {raw[key]!r}")
+    if "keep_checkpoints" in raw and not isinstance(raw["keep_checkpoints"], bool):
+        raise BertAccumError(f"{source}: 'keep_checkpoints' must be true or false, got {raw['keep_checkpoints']!r}")
+    for key in ("arms", "shared", "task_overrides", "seed_offsets", "equivalence_margins"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise BertAccumError(f"{source}: '{key}' must be a mapping, got {raw[key]!r}")
+    for key in ("arms", "task_overrides", "equivalence_margins"):
+        for name, value in (raw.get(key) or {}).items():
+            if value is not None and not isinstance(value, dict):
+                raise BertAccumError(f"{source}: {key}.{name} must be a mapping, got {value!r}")
+    for task, margins in (raw.get("equivalence_margins") or {}).items():
+        for metric, margin in (margins or {}).items():
+            if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
+                raise BertAccumError(f"{source}: equivalence_margins.{task}.{metric} must be a number > 0, got {margin!r}")
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    """An integer (not a bool, not text) >= minimum."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _int_list(value: Any, where: str, minimum: int) -> list[int]:
+    """A non-empty YAML list of integers >= minimum."""
+    if not isinstance(value, list) or not value:
+        raise BertAccumError(f"{where} must be a non-empty list of integers, got {value!r}")
+    bad = [v for v in value if not _is_int(v, minimum)]
+    if bad:
+        raise BertAccumError(f"{where}: {bad[0]!r} is not an integer >= {minimum}")
+    return list(value)
+
+
 def _batch_pairs(value: Any, where: str) -> list[tuple[int, int]]:
-    """[[B, N], ...] as int pairs."""
+    """[[B, N], ...] as int pairs, each >= 1."""
+    pairs = value if isinstance(value, list) and value else None
+    if pairs is None or not all(isinstance(p, list) and len(p) == 2 and all(_is_int(x, 1) for x in p) for p in pairs):
+        raise BertAccumError(f"{where} must be a non-empty list of [B, N] pairs of integers >= 1, got {value!r}")
+    return [(b, n) for b, n in pairs]
+
+
+def _task_metric_values(value: Any, where: str) -> dict[str, dict[str, float]]:
+    """{task: {metric: float}}, checked."""
     try:
-        return [(int(b), int(n)) for b, n in value]
-    except (TypeError, ValueError):
-        raise BertAccumError(f"{where} must be a list of [B, N] pairs, got {value!r}") from None
+        return {str(t): {str(m): float(x) for m, x in (v or {}).items()} for t, v in (value or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise BertAccumError(f"{where} maps tasks to {{metric: number}}, got {value!r}") from None
 
 
 def _seed_offsets(value: Any, where: str) -> dict[str, int]:
@@ -228,11 +290,12 @@ def expand(spec: GridSpec, runs_dir: str | None = None, set_values: dict[str, An
 
 
 def cell_status(cell: Cell) -> str:
-    """'finished', 'interrupted' (has a checkpoint), 'stale' (started, no checkpoint) or 'new'."""
+    """'finished' (verified), 'damaged' (final metrics but incomplete or unreadable records), 'interrupted'
+    (has a checkpoint), 'stale' (started, no checkpoint) or 'new'."""
     d = cell.run_dir
     if (d / "final_metrics.json").exists():
-        return "finished"
-    if any((d / "checkpoints").glob("step_*")):
+        return "damaged" if run_problem(d) else "finished"
+    if has_checkpoint(d):
         return "interrupted"
     if d.exists() and any(d.iterdir()):
         return "stale"
@@ -240,14 +303,19 @@ def cell_status(cell: Cell) -> str:
 
 
 def check_config_matches(cell: Cell) -> None:
-    """Refuse a run folder made from different settings than the cell's (the grid file was edited since)."""
+    """Refuse a run folder made from different settings than the cell's (the grid file was edited since).
+
+    Keys missing from the saved config.json count as their defaults (fields are added over time); an
+    unreadable config.json is left to `cell_status`, which calls the folder damaged.
+    """
     path = cell.run_dir / "config.json"
-    if not path.exists():
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
         return
-    saved = json.loads(path.read_text())
-    saved.pop("derived", None)
-    want = cell.config.to_dict()
-    diff = sorted(k for k in set(saved) | set(want) if k not in _RUNTIME_KEYS and saved.get(k) != want.get(k))
+    if not isinstance(saved, dict):
+        return
+    diff = cell.config.differences(saved)
     if diff:
         raise BertAccumError(
             f"{cell.run_dir} was made with different settings ({', '.join(diff)}); "
@@ -262,7 +330,7 @@ def cell_command(cell: Cell, launcher: str | None = None, python: str | None = N
     status = cell_status(cell)
     if status == "interrupted":
         argv += ["--resume_from_checkpoint", "latest"]
-    elif status == "stale":
+    elif status in ("stale", "damaged"):
         argv += ["--overwrite_output_dir"]
     if launcher:
         return [*shlex.split(launcher), "-m", "bert_accum.cli", *argv]
@@ -275,13 +343,113 @@ def describe(cell: Cell, launcher: str | None = None) -> str:
     return f"{cell.index}\t{cell.run_dir}\t{shlex.join(cmd)}"
 
 
+def _runs_root(cell: Cell) -> Path:
+    """The runs folder a cell's run folder sits in (its name is the path below it)."""
+    d = str(cell.run_dir)
+    return Path(d[: -len(cell.name)]) if d.endswith(cell.name) else cell.run_dir.parent
+
+
+class CellLock:
+    """The exclusive lock of one cell, ``<runs_dir>/.locks/<cell name with / as __>.lock`` (``fcntl.flock``).
+
+    The lock file is never deleted (deleting it while another process opens it would let both lock).
+    The holder writes its pid into it, for the message another process prints.
+    """
+
+    def __init__(self, cell: Cell):
+        self.path = _runs_root(cell) / ".locks" / (cell.name.replace("/", "__") + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give the lock up (a cell process that inherited it keeps it until it exits)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now (creates nothing)."""
+        import fcntl
+
+        if not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def holder(self) -> str:
+        """The pid written by the holder, or '?'."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+
+def _die_with_parent():
+    """A `preexec_fn` that makes the child get SIGTERM when the grid process dies (Linux `PR_SET_PDEATHSIG`).
+
+    libc is looked up here, in the parent; the child only calls the function, then checks that the parent did
+    not die before the call (the signal would then never come). Elsewhere: None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+TAKEN = "taken by another process"
+
+
 def run_cell(cell: Cell, launcher: str | None = None, threads: int | None = None, log_dir: Path | None = None,
              keep_checkpoints: bool = False) -> str:
     """Run one cell to completion unless it is already finished; returns its final status.
 
-    The cell's output goes to ``<log_dir>/<cell name with / as __>.log`` (default log_dir: ``<runs_dir>/logs``),
-    appended across attempts.
+    Runs under the cell's lock; a cell locked by another process is left to it and returns
+    ``"taken by another process (pid P)"``. The cell's output goes to
+    ``<log_dir>/<cell name with / as __>.log`` (default log_dir: ``<runs_dir>/logs``), appended across attempts.
     """
+    lock = CellLock(cell)
+    if not lock.acquire():
+        return f"{TAKEN} (pid {lock.holder()})"
+    try:
+        return _run_locked(cell, lock, launcher, threads, log_dir, keep_checkpoints)
+    finally:
+        lock.release()
+
+
+def _run_locked(cell: Cell, lock: CellLock, launcher, threads, log_dir, keep_checkpoints) -> str:
+    # Status is read under the lock: another process may have finished the cell since this one listed it.
     check_config_matches(cell)
     status = cell_status(cell)
     if status == "finished":
@@ -291,16 +459,20 @@ def run_cell(cell: Cell, launcher: str | None = None, threads: int | None = None
         # P cells side by side on C cores: each gets C/P intra-op threads instead of all fighting for C.
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    root = Path(str(cell.run_dir)[: -len(cell.name)]) if str(cell.run_dir).endswith(cell.name) else cell.run_dir.parent
-    log_dir = Path(log_dir or root / "logs")
+    log_dir = Path(log_dir or _runs_root(cell) / "logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / (cell.name.replace("/", "__") + ".log")
     cmd = cell_command(cell, launcher)
     with log.open("a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} ({status}) {shlex.join(cmd)}\n")
         fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        # The cell's process inherits the lock (pass_fds), so the cell stays locked until it has exited too.
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fd,),
+                            preexec_fn=_die_with_parent()).returncode
     if (cell.run_dir / "final_metrics.json").exists():
+        problem = run_problem(cell.run_dir)
+        if problem:
+            raise BertAccumError(f"grid cell {cell.index} ({cell.name}) exited with status {rc} and damaged records: {problem}")
         if not keep_checkpoints:
             shutil.rmtree(cell.run_dir / "checkpoints", ignore_errors=True)
         final = json.loads((cell.run_dir / "final_metrics.json").read_text())
@@ -310,7 +482,10 @@ def run_cell(cell: Cell, launcher: str | None = None, threads: int | None = None
 
 def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, keep_going: bool = False,
              keep_checkpoints: bool = False, log_dir: Path | None = None, say=print) -> dict[str, str]:
-    """Run cells one after another (`parallel` = 1) or several at a time; returns {cell name: outcome}."""
+    """Run cells one after another (`parallel` = 1) or several at a time; returns {cell name: outcome}.
+
+    Cells locked by another grid process are skipped with a line saying so (outcome ``taken by another process``).
+    """
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
     outcomes: dict[str, str] = {}
     lock = threading.Lock()
@@ -347,6 +522,10 @@ def run_grid(cells: list[Cell], parallel: int = 1, launcher: str | None = None, 
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)  # stop at the first failure, as the serial loop does
                 raise
+    taken = [name for name, o in outcomes.items() if o.startswith(TAKEN)]
+    if taken:
+        say(f"[bert_accum grid] {len(taken)} cell(s) were being run by another grid process and were left to it; "
+            "`--status` shows when they finish")
     return outcomes
 
 
@@ -383,11 +562,9 @@ def find_grid_file(name: str) -> Path:
 
 def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`bert-accum grid` (`scripts/grid.py`): expand a grid file and run, list, count or dry-run its cells."""
-    import argparse
+    from ..cli import ArgumentParser, guarded, positive_int
 
-    from ..cli import guarded
-
-    p = argparse.ArgumentParser(prog=prog, description="Run a YAML grid of fine-tuning cells (see configs/).")
+    p = ArgumentParser(prog=prog, description="Run a YAML grid of fine-tuning cells (see configs/).")
     p.add_argument("grid", help="YAML grid file, or the name of one shipped with the package (study_main, ...: "
                                 f"{', '.join(f.stem for f in packaged_grid_files())})")
     p.add_argument("--glue_dir", help="local GLUE folder for every cell (default: the grid's own setting, else the Hub)")
@@ -395,14 +572,15 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field in every cell (YAML value), e.g. --set max_train_steps=5")
     p.add_argument("--cell", type=int, nargs="+", help="run only these cell indices (a SLURM array task runs one)")
-    p.add_argument("--parallel", type=int, default=1, help="cells to run at the same time (default 1)")
+    p.add_argument("--parallel", type=positive_int, default=1, help="cells to run at the same time (default 1)")
     p.add_argument("--launcher", help="command prefix for each cell, e.g. 'accelerate launch --num_processes 2'")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print '<index>\\t<run folder>\\t<command>' per cell and run nothing")
     p.add_argument("--count", action="store_true", help="print the number of cells and exit")
     p.add_argument("--status", action="store_true",
-                   help="print each cell's state (new, stale, interrupted, finished); a folder made with other settings "
-                        "is stale, with the settings that differ in a fourth column")
+                   help="print each cell's state: new, stale (started, no checkpoint; or made with other settings, "
+                        "named in a fourth column), interrupted, running (locked by a grid process), damaged (final "
+                        "metrics but incomplete records; rerun from scratch) or finished (verified)")
     p.add_argument("--keep_going", action="store_true", help="carry on with the other cells when one fails")
     a = p.parse_args(argv)
 
@@ -438,7 +616,9 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     # A folder made with other settings is what --status is asked to find, not a reason to stop.
                     print(f"{cell.index}\tstale\t{cell.name}\t{exc}")
                     continue
-                print(f"{cell.index}\t{cell_status(cell)}\t{cell.name}")
+                state = "running" if CellLock(cell).held_elsewhere() else cell_status(cell)
+                problem = run_problem(cell.run_dir) if state == "damaged" else None
+                print(f"{cell.index}\t{state}\t{cell.name}" + (f"\t{problem}" if problem else ""))
             return
         outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)
         failed = [name for name, o in outcomes.items() if o.startswith("failed")]

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import EMBEDDED_MODEL
+from ..core.config import EMBEDDED_MODEL, MAX_SEED
 from ..errors import BertAccumError
 
 __all__ = [
@@ -159,14 +159,24 @@ class ProbeConfig:
             raise BertAccumError(f"--steps must be >= 0, got {self.steps}")
         if self.max_length < 2:
             raise BertAccumError(f"--max_length must be >= 2, got {self.max_length}")
-        if self.learning_rate <= 0:
-            raise BertAccumError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise BertAccumError(f"--learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise BertAccumError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0 <= self.seed < MAX_SEED:  # the floor uses seed + 1
+            raise BertAccumError(f"--seed must be in [0, {MAX_SEED - 1}], got {self.seed}")
         if (self.train_file is None) != (self.validation_file is None):
             raise BertAccumError("--train_file and --validation_file must be given together")
         if self.glue_dir is not None and self.train_file is not None:
             raise BertAccumError("give either --glue_dir or --train_file/--validation_file, not both")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise BertAccumError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
+        from ..core.records import check_writable_dir
+        from ..core.tasks import get_task
+
+        get_task(self.task_name)
+        # Checked now, not after the minutes the probe computes.
+        check_writable_dir(self.resolved_output_dir(), "--output_dir")
 
     def batch_sizes(self) -> list[int]:
         """The micro batch sizes asked for, or the default halvings of E."""
@@ -181,6 +191,7 @@ class ProbeConfig:
         return [(b, e // b) for b in sorted(set(self.batch_sizes()), reverse=True)]
 
     def resolved_output_dir(self) -> Path:
+        """--output_dir, or results/probe/<task>[-<objective>]."""
         if self.output_dir:
             return Path(self.output_dir)
         from ..core.tasks import get_task

@@ -1,21 +1,30 @@
-"""The study report: tables, figures and `REPORT.md` generated from run folders and the probe's tables.
+"""The study report: `REPORT.md`, `numbers.json`, tables and figures generated from run folders, grid files,
+the probe's tables and, for a study whose run folders are gone, its committed tables.
 
 Inputs
   * run folders written by `scripts/finetune.py` / `scripts/grid.py`, laid out by the grid as
-    ``<root>/<task>/<arm>/B<B>_N<N>/seed<seed>`` (each with config.json, steps.jsonl, final_metrics.json and
-    fingerprints/); the root folder's name is the study's name (e.g. ``study``, ``study_bugs``);
-  * the probe's ``probe.csv`` files (one-step gradient drift per cause), the BatchNorm study's table.
+    ``<root>/<task>/<arm>/B<B>_N<N>/seed<seed>`` (each with config.json, environment.json, steps.jsonl,
+    eval.jsonl, predictions.json, final_metrics.json and optionally fingerprints/); the root folder's name is
+    the study's name (e.g. ``converged``, ``study``, ``study_bugs``);
+  * for a *converged* study, its grid file (`--grid`): the planned cells (so missing and unfinished runs are
+    counted), the equivalence margins and the reference thresholds. A runs folder without a grid file is an
+    *early-training* study (mechanism over a few optimizer steps);
+  * the committed tables of an early study whose run folders are absent (`--early_csv`: summary.csv, runs.csv,
+    param_distance.csv);
+  * the probe's ``probe.csv`` files (one-step gradient drift per cause), the BatchNorm study's ``norm_study.md``.
 
-Comparisons are always paired: a run is compared with its *reference* of the same study, task and seed:
-the (E, 1) run of the same arm when the study has one (the large batch), otherwise the ``default`` arm at the
-same (B, N) (the correct loop, for the bug study). Seed noise is the sample standard deviation of the
-reference's final metric over seeds; a difference counts as "beyond seed noise" when its 95% confidence
-interval (Student t over the paired seeds) excludes zero *and* its mean exceeds that standard deviation.
+Everything is read and checked before anything is written: a run folder with malformed JSON or JSONL, or with
+final metrics but no config.json, is refused with one line naming the file and line; two runs are paired only
+when their full identity (data source, task, objective, every training setting, B, N, W and all three seeds)
+differs in nothing but the factor the comparison varies. The numbers are computed in one pass
+(`bert_accum.study.numbers`), the prose is filled from them (`bert_accum.study.templates`), and the output
+folder receives REPORT.md, numbers.json, study/*.csv and study/figures/ only once all of them are complete.
 
-Parameter distance uses the fingerprints (a count sketch of all parameters, the same projection in every
-run): ||f_run(t) - f_ref(t)|| / ||f_ref(t) - f_ref(0)||, the distance to the reference after step t relative
-to how far the reference itself has moved from the initial weights. The *seed floor* is the same quantity
-between the reference runs of two different seeds.
+Early-training comparisons (the `summarise` table) pair a run with its *reference* of the same study, task and
+cell seed: the (E, 1) run of the same arm when the study has one (the large batch), otherwise the ``default`` arm
+at the same (B, N) (the correct loop, for the bug study). Parameter distance uses the fingerprints (a count
+sketch of all parameters, the same projection in every run): ||f_run(t) - f_ref(t)|| / ||f_ref(t) - f_ref(0)||;
+the *seed floor* is the same quantity between the reference runs of two different seeds.
 """
 
 from __future__ import annotations
@@ -24,24 +33,37 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
-import shlex
+import shutil
 import statistics
-import sys
+import tempfile
+import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from ..core.records import check_writable_dir, git_commit, read_json, read_jsonl, run_problem
 from ..errors import BertAccumError
-from ..core.records import git_commit, read_jsonl
-from .plumbing import fmt, header, mean_std, provenance, t_interval, write_csv
+from .plumbing import command_line, mean_std, provenance, t_interval, write_csv
 
 _CELL = re.compile(r"B(\d+)_N(\d+)$")
+SEED_DIR = re.compile(r"seed(-?\d+)$")
+SEED_FIELDS = ("seed", "data_seed", "dropout_seed")
 
 
+def _require(obj: Any, keys: Iterable[str], path: Path) -> None:
+    if not isinstance(obj, dict):
+        raise BertAccumError(f"{path}: expected a JSON object")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise BertAccumError(f"{path}: no {', '.join(missing)}")
+
+
+# ------------------------------------------------------------------------------------------ runs
 @dataclass
 class Run:
     """One finished run folder."""
@@ -57,6 +79,12 @@ class Run:
     objective: str
     final: dict[str, Any]
     steps: list[dict[str, Any]]
+    cell_seed: int = 0
+    """The grid cell's seed (the `seed<k>` folder): what pairs runs, also when a floor arm offsets `seed`."""
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    environment: dict[str, Any] = field(default_factory=dict, repr=False)
+    evals: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    predictions: dict[str, Any] | None = field(default=None, repr=False)
     _fingerprints: dict[int, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -85,34 +113,92 @@ class Run:
         return float(ev[split_keys[0]]) if split_keys else float("nan")
 
     @property
+    def seeds(self) -> dict[str, int]:
+        """The three resolved seeds (init, data order, dropout): config.json's derived.seeds, else the fields,
+        with data and dropout seeds defaulting to `seed` as TrainConfig resolves them."""
+        resolved = self.config.get("derived", {}).get("seeds")
+        if resolved:
+            return {k: resolved.get(k) for k in SEED_FIELDS}
+        s = self.config.get("seed", self.seed)
+        return {"seed": s, "data_seed": self.config.get("data_seed") or s, "dropout_seed": self.config.get("dropout_seed") or s}
+
+    @property
+    def final_predictions(self) -> list | None:
+        """Dev predictions of the final evaluation (first evaluation split), None when the run has none or its
+        predictions.json is from an earlier evaluation."""
+        p = self.predictions
+        if not p or p.get("optimizer_step") != self.final.get("optimizer_steps"):
+            return None
+        splits = p.get("splits") or {}
+        return splits[sorted(splits)[0]] if len(splits) > 1 else next(iter(splits.values()), None)
+
+    @property
     def fingerprints(self) -> dict[int, np.ndarray]:
         """Parameter fingerprints by optimizer step (loaded on first use)."""
         if self._fingerprints is None:
             from ..core.fingerprint import load_fingerprints
 
-            self._fingerprints = load_fingerprints(self.path) if (self.path / "fingerprints").is_dir() else {}
+            try:
+                self._fingerprints = load_fingerprints(self.path) if (self.path / "fingerprints").is_dir() else {}
+            except (OSError, ValueError, EOFError) as exc:
+                raise BertAccumError(f"{self.path / 'fingerprints'}: unreadable fingerprint ({exc})") from None
         return self._fingerprints
 
 
 def load_runs(roots: Iterable[str | Path]) -> list[Run]:
-    """Every finished run folder below `roots` (folders without final_metrics.json are skipped)."""
+    """Every finished run folder below `roots` (a folder with final_metrics.json), read completely and checked:
+    malformed JSON/JSONL or a missing config.json is an error naming the file and line."""
     runs = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise BertAccumError(f"runs folder not found: {root}")
         for final_path in sorted(root.rglob("final_metrics.json")):
-            d = final_path.parent
-            cfg = json.loads((d / "config.json").read_text())
-            derived = cfg.get("derived", {})
-            rel = d.relative_to(root).parts
-            arm = rel[-3] if len(rel) >= 3 and _CELL.match(rel[-2]) else _arm_label(cfg)
-            runs.append(Run(
-                path=d, study=root.name, task=derived.get("task", cfg["task_name"]), arm=arm,
-                micro_batch_size=derived["micro_batch_size"], accumulation_steps=derived["accumulation_steps"],
-                num_processes=derived.get("num_processes", 1), seed=cfg["seed"], objective=cfg.get("objective", "classification"),
-                final=json.loads(final_path.read_text()), steps=read_jsonl(d / "steps.jsonl"),
-            ))
+            runs.append(_load_run(root, final_path.parent))
     return runs
+
+
+def _load_run(root: Path, d: Path) -> Run:
+    if not (d / "config.json").is_file():
+        raise BertAccumError(f"{d}: final_metrics.json without config.json; refusing a run folder that does not say how it was made")
+    problem = run_problem(d)
+    if problem:
+        raise BertAccumError(f"damaged run folder: {problem}")
+    cfg = read_json(d / "config.json")
+    _require(cfg, ("seed", "derived"), d / "config.json")
+    derived = cfg["derived"]
+    _require(derived, ("micro_batch_size", "accumulation_steps"), d / "config.json")
+    final = read_json(d / "final_metrics.json")
+    _require(final, (), d / "final_metrics.json")
+    optional = {name: read_json(d / name) if (d / name).is_file() else None for name in ("environment.json", "predictions.json")}
+    rel = d.relative_to(root).parts
+    arm = rel[-3] if len(rel) >= 3 and _CELL.match(rel[-2]) else _arm_label(cfg)
+    seed_dir = SEED_DIR.match(d.name)
+    return Run(
+        path=d, study=root.name, task=derived.get("task", cfg.get("task_name")), arm=arm,
+        micro_batch_size=derived["micro_batch_size"], accumulation_steps=derived["accumulation_steps"],
+        num_processes=derived.get("num_processes", 1), seed=cfg["seed"], objective=cfg.get("objective", "classification"),
+        final=final, steps=read_jsonl(d / "steps.jsonl", strict=True) if (d / "steps.jsonl").is_file() else [],
+        cell_seed=int(seed_dir.group(1)) if seed_dir else cfg["seed"], config=cfg,
+        environment=optional["environment.json"] or {},
+        evals=read_jsonl(d / "eval.jsonl", strict=True) if (d / "eval.jsonl").is_file() else [],
+        predictions=optional["predictions.json"],
+    )
+
+
+def unfinished_runs(roots: Iterable[str | Path]) -> list[Path]:
+    """Run folders below `roots` that have started (config.json or steps.jsonl) but hold no final_metrics.json.
+    Their config.json, when present, must parse; their growing JSONL files are not read."""
+    out = set()
+    for root in map(Path, roots):
+        for name in ("config.json", "steps.jsonl"):
+            for p in root.rglob(name):
+                d = p.parent
+                if "checkpoints" not in d.relative_to(root).parts and not (d / "final_metrics.json").exists():
+                    out.add(d)
+    for d in out:
+        if (d / "config.json").is_file():
+            read_json(d / "config.json")
+    return sorted(out)
 
 
 def _arm_label(cfg: dict[str, Any]) -> str:
@@ -121,21 +207,74 @@ def _arm_label(cfg: dict[str, Any]) -> str:
     return "-".join(parts + list(cfg.get("bug_modes") or []))
 
 
+# ------------------------------------------------------------------------------------------ identity and pairing
+# Fields that say where a run writes, how it is logged, checkpointed or resumed: not what it computes.
+_BOOKKEEPING = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "disable_progress_bar", "cache_dir", "report_to",
+    "with_tracking", "checkpointing_steps", "checkpoints_total_limit", "save_final_model", "fingerprint_steps",
+    "fingerprint_dim", "derived",
+}
+# Replaced in `identity` by the resolved values (B, N, W and the three seeds as the run used them).
+_CELL_FIELDS = {"per_device_train_batch_size", "gradient_accumulation_steps", *SEED_FIELDS}
+BATCH_FACTOR = frozenset({"micro_batch_size", "accumulation_steps"})
+
+
+def config_identity(cfg: dict[str, Any], task: str, objective: str, b: int, n: int, w: int,
+                    seeds: dict[str, int]) -> dict[str, Any]:
+    """Everything that makes a run what it is: data source and sizes, task, objective, every training setting,
+    B, N, W and the three resolved seeds."""
+    out = {k: v for k, v in cfg.items() if k not in _BOOKKEEPING | _CELL_FIELDS}
+    out.update(task=task, objective=objective, micro_batch_size=b, accumulation_steps=n, num_processes=w, **seeds)
+    return out
+
+
+def identity(run: Run) -> dict[str, Any]:
+    """A finished run's identity (`config_identity` of its config.json)."""
+    return config_identity(run.config, run.task, run.objective, run.micro_batch_size, run.accumulation_steps,
+                           run.num_processes, run.seeds)
+
+
+def differences(a: Run, b: Run) -> list[str]:
+    """The identity fields in which two runs differ (a field one of them lacks counts as None)."""
+    ia, ib = identity(a), identity(b)
+    return sorted(k for k in set(ia) | set(ib) if ia.get(k) != ib.get(k))
+
+
+def check_pair(a: Run, b: Run, compared: Iterable[str]) -> None:
+    """Refuse to compare two runs that differ in anything but the `compared` fields (one line naming both)."""
+    compared = set(compared)
+    extra = [k for k in differences(a, b) if k not in compared]
+    if extra:
+        ia, ib = identity(a), identity(b)
+        what = "; ".join(f"{k} ({ia.get(k)!r} vs {ib.get(k)!r})" for k in extra)
+        raise BertAccumError(f"refusing to pair {a.path} with {b.path}: besides {', '.join(sorted(compared)) or 'nothing'} "
+                             f"they differ in {what}")
+
+
 def reference_of(run: Run, runs_by_key: dict[tuple, Run]) -> Run | None:
-    """The paired reference of the same seed and process count W: the large batch (E/W, 1) of the same arm when the
-    study has that cell for any seed, otherwise the `default` arm at the same (B, N). The kind of reference is decided
-    per cell, not per seed, so a missing large-batch run leaves its seed unpaired instead of mixing in another kind."""
+    """The paired reference of the same cell seed and process count W: the large batch (E/W, 1) of the same arm
+    when the study has that cell for any seed, otherwise the `default` arm at the same (B, N). The kind of reference
+    is decided per cell, not per seed, so a missing large-batch run leaves its seed unpaired instead of mixing in
+    another kind. The pair is checked: it may differ only in (B, N), or for the default-arm reference in the bug
+    modes."""
     W = run.num_processes
     large = (run.effective_batch_size // W, 1)
     cell = (run.study, run.task, run.arm, large, W)
     if any(k[:5] == cell for k in runs_by_key):
-        big = runs_by_key.get((*cell, run.seed))
-        return big if big is not run else None
+        big = runs_by_key.get((*cell, run.cell_seed))
+        if big is None or big is run:
+            return None
+        check_pair(run, big, BATCH_FACTOR)
+        return big
     if run.arm != "default":
-        return runs_by_key.get((run.study, run.task, "default", run.bn, W, run.seed))
+        ref = runs_by_key.get((run.study, run.task, "default", run.bn, W, run.cell_seed))
+        if ref is not None:
+            check_pair(run, ref, {"bug_modes"})
+        return ref
     return None
 
 
+# ------------------------------------------------------------------------------------------ early training
 @dataclass
 class Summary:
     """One row of the final-metric table: a (study, task, arm, B, N) cell over its seeds."""
@@ -156,16 +295,20 @@ class Summary:
     diff_hi: float = float("nan")
     reference: str = ""
     seed_std: float = float("nan")
-    beyond_seed_noise: str = ""
     rel_param_distance: float = float("nan")
     rel_param_distance_std: float = float("nan")
     train_seconds: float = float("nan")
     examples_per_second: float = float("nan")
     device: str = ""
 
+    @property
+    def ci_excludes_zero(self) -> bool:
+        """The 95% interval of the paired difference excludes 0 (a nonzero difference at that point of training)."""
+        return self.diff_lo > 0 or self.diff_hi < 0
+
 
 def _key(run: Run) -> tuple:
-    return run.study, run.task, run.arm, run.bn, run.num_processes, run.seed
+    return run.study, run.task, run.arm, run.bn, run.num_processes, run.cell_seed
 
 
 def param_distance(run: Run, ref: Run, step: int | None = None) -> float:
@@ -186,14 +329,17 @@ def param_distance(run: Run, ref: Run, step: int | None = None) -> float:
 
 
 def summarise(runs: list[Run]) -> list[Summary]:
-    """Final metric per (study, task, arm, B, N): mean ± std over seeds, paired difference to the reference."""
+    """Final metric per (study, task, arm, B, N): mean ± std over seeds, paired difference to the reference. The runs
+    of a cell may differ only in their seeds, a run and its reference only in the compared factor (`reference_of`)."""
     by_key = {_key(r): r for r in runs}
     cells: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         cells[(r.study, r.task, r.arm, r.bn)].append(r)
     out = []
     for (study, task, arm, bn), members in sorted(cells.items(), key=lambda kv: _order(kv[0])):
-        members.sort(key=lambda r: r.seed)
+        members.sort(key=lambda r: r.cell_seed)
+        for r in members[1:]:
+            check_pair(r, members[0], SEED_FIELDS)  # a cell's runs differ only in their seeds
         m, s = mean_std([r.metric for r in members])
         row = Summary(study, task, arm, bn[0], bn[1], members[0].metric_name, len(members), m, s)
         row.train_seconds = statistics.fmean(r.final.get("train_seconds", float("nan")) for r in members)
@@ -214,9 +360,6 @@ def summarise(runs: list[Run]) -> list[Summary]:
             row.seed_std = statistics.stdev(refs) if len(refs) > 1 else float("nan")
             dists = [param_distance(r, ref) for r, ref in pairs]
             row.rel_param_distance, row.rel_param_distance_std = mean_std(dists)
-            if row.n_pairs > 1:
-                excludes_zero = row.diff_lo > 0 or row.diff_hi < 0
-                row.beyond_seed_noise = "yes" if excludes_zero and abs(row.diff_mean) > row.seed_std else "no"
         out.append(row)
     return out
 
@@ -224,10 +367,14 @@ def summarise(runs: list[Run]) -> list[Summary]:
 _ARM_ORDER = ("default", "controlled")
 
 
+def arm_rank(arm: str) -> tuple[int, str]:
+    """Sort key of arms: default, controlled, then the rest by name."""
+    return (_ARM_ORDER.index(arm) if arm in _ARM_ORDER else len(_ARM_ORDER)), arm
+
+
 def _order(key: tuple) -> tuple:
     study, task, arm, bn = key
-    arm_rank = _ARM_ORDER.index(arm) if arm in _ARM_ORDER else len(_ARM_ORDER)
-    return study, task, arm_rank, arm, -bn[0]
+    return study, task, *arm_rank(arm), -bn[0]
 
 
 def distance_curves(runs: list[Run]) -> list[dict[str, Any]]:
@@ -243,35 +390,113 @@ def distance_curves(runs: list[Run]) -> list[dict[str, Any]]:
             if step == 0:
                 continue
             rows.append(dict(study=r.study, task=r.task, arm=r.arm, micro_batch_size=r.micro_batch_size,
-                             accumulation_steps=r.accumulation_steps, seed=r.seed, optimizer_step=step,
+                             accumulation_steps=r.accumulation_steps, seed=r.cell_seed, optimizer_step=step,
                              kind="vs_reference", rel_param_distance=param_distance(r, ref, step)))
     refs: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         if r.accumulation_steps == 1:
             refs[(r.study, r.task, r.arm, r.bn)].append(r)
     for (study, task, arm, bn), members in refs.items():
-        for a, b in itertools.combinations(sorted(members, key=lambda r: r.seed), 2):
+        for a, b in itertools.combinations(sorted(members, key=lambda r: r.cell_seed), 2):
+            check_pair(a, b, SEED_FIELDS)
             for step in sorted(set(a.fingerprints) & set(b.fingerprints)):
                 if step == 0:
                     continue
                 rows.append(dict(study=study, task=task, arm=arm, micro_batch_size=bn[0], accumulation_steps=bn[1],
-                                 seed=f"{a.seed}-{b.seed}", optimizer_step=step, kind="seed_floor",
+                                 seed=f"{a.cell_seed}-{b.cell_seed}", optimizer_step=step, kind="seed_floor",
                                  rel_param_distance=param_distance(a, b, step)))
     return rows
 
 
-# ------------------------------------------------------------------------------------------ writing
-def md_table(rows: list[dict[str, Any]], cols: list[str], names: list[str] | None = None) -> str:
-    """A Markdown table of `cols` from dict rows."""
-    names = names or cols
-    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
+@dataclass
+class EarlyStudy:
+    """An early-training study: its cell summaries, per-run rows and parameter-distance rows, from run folders or
+    from the tables a previous report committed (`source` says which)."""
+
+    name: str
+    summaries: list[Summary]
+    runs: list[dict[str, Any]]
+    curves: list[dict[str, Any]]
+    source: str
+    run_objects: list[Run] = field(default_factory=list)
 
 
+def _read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a committed CSV (leading `#` provenance lines skipped)."""
+    if not path.is_file():
+        raise BertAccumError(f"table not found: {path}")
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def _number(text: str, path: Path, column: str) -> float | int:
+    if text in ("", "nan", "NaN"):
+        return float("nan")
+    try:
+        return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+    except ValueError:
+        raise BertAccumError(f"{path}: column {column} holds {text!r}, not a number") from None
+
+
+def read_early_tables(folder: str | Path) -> list[EarlyStudy]:
+    """The early studies in a committed report folder (summary.csv, runs.csv, param_distance.csv), one per value of
+    their `study` column; columns the Summary no longer has (an old verdict column) are ignored."""
+    folder = Path(folder)
+    names = {f.name: f.type for f in fields(Summary)}
+    summaries: dict[str, list[Summary]] = defaultdict(list)
+    path = folder / "summary.csv"
+    for row in _read_table(path):
+        values = {k: (_number(v, path, k) if names[k] in ("int", "float") else v) for k, v in row.items() if k in names}
+        summaries[row["study"]].append(Summary(**values))
+    run_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    path = folder / "runs.csv"
+    for row in _read_table(path):
+        for k in ("micro_batch_size", "accumulation_steps", "num_processes", "seed", "optimizer_steps", "metric",
+                  "train_seconds", "examples_per_second"):
+            if k in row:
+                row[k] = _number(row[k], path, k)
+        run_rows[row["study"]].append(row)
+    curves: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    path = folder / "param_distance.csv"
+    if path.is_file():
+        for row in _read_table(path):
+            for k in ("micro_batch_size", "accumulation_steps", "optimizer_step", "rel_param_distance"):
+                row[k] = _number(row[k], path, k)
+            curves[row["study"]].append(row)
+    return [EarlyStudy(name, summaries[name], run_rows[name], curves[name], source=str(folder)) for name in sorted(summaries)]
+
+
+def early_from_runs(runs: list[Run]) -> list[EarlyStudy]:
+    """Early studies from their run folders."""
+    summaries, curves = summarise(runs), distance_curves(runs)
+    out = []
+    for name in sorted({r.study for r in runs}):
+        mine = [r for r in runs if r.study == name]
+        out.append(EarlyStudy(name, [s for s in summaries if s.study == name], [run_row(r) for r in mine],
+                              [c for c in curves if c["study"] == name], source="run folders", run_objects=mine))
+    return out
+
+
+def run_row(r: Run) -> dict[str, Any]:
+    """One run as a row of runs.csv."""
+    ev = r.final.get("eval", {})
+    return {
+        "study": r.study, "task": r.task, "arm": r.arm, "micro_batch_size": r.micro_batch_size,
+        "accumulation_steps": r.accumulation_steps, "num_processes": r.num_processes,
+        "effective_batch_size": r.effective_batch_size, "seed": r.cell_seed, **{f"resolved_{k}": v for k, v in r.seeds.items()},
+        "objective": r.objective, "status": r.final.get("status"), "optimizer_steps": r.final.get("optimizer_steps"),
+        "metric_name": r.metric_name, "metric": r.metric,
+        "eval": json.dumps({k: v for k, v in ev.items() if isinstance(v, float)}, sort_keys=True),
+        "final_loss": r.steps[-1]["loss"] if r.steps else float("nan"),
+        "train_seconds": r.final.get("train_seconds"), "examples_per_second": r.final.get("examples_per_second"),
+        "last_learning_rate": r.steps[-1].get("learning_rate") if r.steps else float("nan"),
+        "device": r.final.get("device"), "run_dir": str(r.path),
+    }
+
+
+# ------------------------------------------------------------------------------------------ probes
 def read_probe(path: Path) -> list[dict[str, Any]]:
-    """Rows of a probe.csv (first line is its command/commit comment)."""
+    """Rows of a probe.csv (leading `#` lines are its command/commit comment); one table holds one task."""
     lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("#")]
     rows = list(csv.DictReader(lines))
     for r in rows:
@@ -280,332 +505,225 @@ def read_probe(path: Path) -> list[dict[str, Any]]:
                 r[k] = (float(v) if v != "" else math.nan) if k not in ("task", "objective", "arm", "max_group") else v
             except ValueError:
                 pass
+    tasks = sorted({r.get("task") for r in rows})
+    if len(tasks) > 1:
+        raise BertAccumError(f"{path}: one probe table per task, found rows of {', '.join(map(str, tasks))}")
     return rows
 
 
-def _pm(m: float, s: float) -> str:
-    return f"{fmt(m)} ± {fmt(s)}"
-
-
-def _ci(lo: float, hi: float) -> str:
-    return "—" if math.isnan(lo) else f"[{fmt(lo)}, {fmt(hi)}]"
-
-
-def summary_rows(summaries: list[Summary]) -> list[dict[str, Any]]:
-    """Summaries as display rows for the Markdown tables."""
-    rows = []
-    for s in summaries:
-        rows.append({
-            "task": s.task, "arm": s.arm, "B": s.micro_batch_size, "N": s.accumulation_steps, "metric": s.metric_name,
-            "n": f"{s.n} ({s.non_finite} diverged)" if s.non_finite else s.n, "mean ± std": _pm(s.mean, s.std), "paired diff": fmt(s.diff_mean),
-            "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": fmt(s.seed_std), "beyond noise": s.beyond_seed_noise or "—",
-            "param dist": _pm(s.rel_param_distance, s.rel_param_distance_std) if not math.isnan(s.rel_param_distance) else "—",
-            "vs": s.reference or "—",
-        })
-    return rows
-
-
-# ------------------------------------------------------------------------------------------ figures
-def plot_task(runs: list[Run], curves: list[dict[str, Any]], task: str, study: str, figdir: Path) -> list[Path]:
-    """Gradient-norm trajectories and parameter distance vs step for one task: two PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mine = [r for r in runs if r.task == task and r.study == study]
-    arms = sorted({r.arm for r in mine}, key=lambda a: (_ARM_ORDER.index(a) if a in _ARM_ORDER else 9, a))
-    bns = sorted({r.bn for r in mine}, key=lambda bn: -bn[0])
-    colours = {bn: plt.cm.viridis(i / max(1, len(bns) - 1)) for i, bn in enumerate(bns)}
-    paths = []
-
-    fig, axes = plt.subplots(1, len(arms), figsize=(5.2 * len(arms), 3.6), sharey=True, squeeze=False)
-    for ax, arm in zip(axes[0], arms):
-        for bn in bns:
-            group = [r for r in mine if r.arm == arm and r.bn == bn]
-            for i, r in enumerate(group):
-                ax.plot([s["optimizer_step"] for s in r.steps], [s["grad_norm"] for s in r.steps], color=colours[bn],
-                        alpha=0.8, lw=1.2, label=f"B={bn[0]}, N={bn[1]}" if i == 0 else None)
-        ax.set_title(f"{task}: {arm}")
-        ax.set_xlabel("optimizer_step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gradient norm (before clipping)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    p = figdir / f"grad_norm_{study}_{task}.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    styles = ["-", "--", ":", "-."]
-    for ai, arm in enumerate(arms):
-        for bn in bns:
-            pts = [c for c in curves if c["task"] == task and c["study"] == study and c["arm"] == arm
-                   and c["kind"] == "vs_reference" and (c["micro_batch_size"], c["accumulation_steps"]) == bn]
-            if not pts:
-                continue
-            steps = sorted({c["optimizer_step"] for c in pts})
-            ys = [statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == s) for s in steps]
-            ax.plot(steps, np.maximum(ys, 1e-12), styles[ai % 4], color=colours[bn], marker="o", ms=3,
-                    label=f"{arm} B={bn[0]}, N={bn[1]}")
-        floor = [c for c in curves if c["task"] == task and c["study"] == study and c["arm"] == arm and c["kind"] == "seed_floor"]
-        if floor:
-            steps = sorted({c["optimizer_step"] for c in floor})
-            ys = [statistics.fmean(c["rel_param_distance"] for c in floor if c["optimizer_step"] == s) for s in steps]
-            ax.plot(steps, ys, styles[ai % 4], color="grey", lw=2.5, alpha=0.6, label=f"{arm}: seed floor")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer_step")
-    ax.set_ylabel("||θ − θ_ref|| / ||θ_ref − θ₀||")
-    ax.set_title(f"{study} / {task}: parameter distance to the paired reference (mean over seeds)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    p = figdir / f"param_distance_{study}_{task}.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
-
-
-def plot_paired_diffs(summaries: list[Summary], study: str, figdir: Path) -> Path | None:
-    """Paired final-metric difference to the reference with 95% CI, against ±1 seed std, per task and cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [s for s in summaries if s.study == study and s.n_pairs > 0]
-    if not rows:
-        return None
-    tasks = list(dict.fromkeys(s.task for s in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        mine = [s for s in rows if s.task == task]
-        for i, s in enumerate(mine):
-            colour = "tab:blue" if s.arm == "default" else "tab:orange"
-            err = [[s.diff_mean - s.diff_lo], [s.diff_hi - s.diff_mean]] if not math.isnan(s.diff_lo) else None
-            ax.errorbar([i], [s.diff_mean], yerr=err, fmt="o", color=colour, capsize=3)
-            if not math.isnan(s.seed_std):
-                ax.fill_between([i - 0.35, i + 0.35], -s.seed_std, s.seed_std, color="grey", alpha=0.2, lw=0)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(mine)))
-        ax.set_xticklabels([f"{s.arm[:4]}\nB{s.micro_batch_size}N{s.accumulation_steps}" for s in mine], fontsize=7)
-        ax.set_title(f"{task} ({mine[0].metric_name})", fontsize=9)
-    axes[0][0].set_ylabel("paired difference to reference\n(95% CI; grey: ±1 seed std)")
-    fig.tight_layout()
-    p = figdir / f"paired_diff_{study}.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
-
-
-# ------------------------------------------------------------------------------------------ the report
-@dataclass
-class ReportInputs:
-    """Where `build_report` reads from and writes to."""
-
-    runs_dirs: list[str]
-    probe_dir: str | None = "results/probe"
-    batchnorm_dir: str | None = "results/batchnorm"
-    output_dir: str = "results"
-    command: str = ""
-
-
-def build_report(inp: ReportInputs) -> Path:
-    """Write `<output_dir>/REPORT.md` and `<output_dir>/study/*` (tables, CSVs, figures); returns REPORT.md."""
-    runs = load_runs(inp.runs_dirs)
-    if not runs:
-        raise BertAccumError(f"no finished runs below {', '.join(inp.runs_dirs)}")
-    commit = git_commit()
-    command = inp.command or "python " + shlex.join(sys.argv)
-    out = Path(inp.output_dir)
-    study_dir = out / "study"
-    figdir = study_dir / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
-    csv_head, md_head = provenance(command, commit), header(provenance(command, commit), markdown=True)
-
-    summaries = summarise(runs)
-    curves = distance_curves(runs)
-    write_csv(study_dir / "runs.csv", [_run_row(r) for r in runs], csv_head)
-    write_csv(study_dir / "summary.csv", [vars(s) for s in summaries], csv_head)
-    if curves:
-        write_csv(study_dir / "param_distance.csv", curves, csv_head)
-
-    figures: dict[str, list[Path]] = defaultdict(list)
-    for study, task in sorted({(r.study, r.task) for r in runs}):
-        figures[study] += plot_task(runs, curves, task, study, figdir)
-    for study in sorted({r.study for r in runs}):
-        p = plot_paired_diffs(summaries, study, figdir)
-        if p:
-            figures[study].insert(0, p)
-
-    probes = _load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
-    text = render_report(runs, summaries, curves, probes, figures, out, md_head,
-                         Path(inp.batchnorm_dir) if inp.batchnorm_dir else None)
-    report = out / "REPORT.md"
-    report.write_text(text)
-    return report
-
-
-def _run_row(r: Run) -> dict[str, Any]:
-    ev = r.final.get("eval", {})
-    return {
-        "study": r.study, "task": r.task, "arm": r.arm, "micro_batch_size": r.micro_batch_size,
-        "accumulation_steps": r.accumulation_steps, "num_processes": r.num_processes,
-        "effective_batch_size": r.effective_batch_size, "seed": r.seed, "objective": r.objective,
-        "status": r.final.get("status"), "optimizer_steps": r.final.get("optimizer_steps"),
-        "metric_name": r.metric_name, "metric": r.metric,
-        "eval": json.dumps({k: v for k, v in ev.items() if isinstance(v, float)}, sort_keys=True),
-        "final_loss": r.steps[-1]["loss"] if r.steps else float("nan"),
-        "train_seconds": r.final.get("train_seconds"), "examples_per_second": r.final.get("examples_per_second"),
-        "device": r.final.get("device"), "run_dir": str(r.path),
-    }
-
-
-def _load_probes(probe_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def load_probes(probe_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """{table name (its folder): rows} for every <probe_dir>/<name>/probe.csv."""
     if not probe_dir.is_dir():
         return {}
     return {p.parent.name: read_probe(p) for p in sorted(probe_dir.glob("*/probe.csv"))}
 
 
-def _probe_stat(probes: dict[str, list[dict[str, Any]]], arm: str, col: str = "ratio_to_floor") -> dict[str, tuple[float, float]]:
-    """(min, max) of `col` for `arm` per probe table."""
-    out = {}
-    for name, rows in probes.items():
-        vals = [r[col] for r in rows if r.get("arm") == arm and isinstance(r.get(col), float)]
-        if vals:
-            out[name] = (min(vals), max(vals))
+# ------------------------------------------------------------------------------------------ converged studies
+def cell_identity(cell) -> dict[str, Any]:
+    """The identity a grid cell's run will have (`config_identity` of its planned TrainConfig, W = 1)."""
+    cfg = cell.config
+    return config_identity(cfg.to_dict(), cell.task, cfg.objective, cell.micro_batch_size, cell.accumulation_steps, 1,
+                           {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed})
+
+
+@dataclass
+class ConvergedStudy:
+    """A study with a grid file: its finished runs, started-but-unfinished folders and planned cells."""
+
+    name: str
+    root: Path
+    runs: list[Run]
+    unfinished: list[str]
+    planned: list[Any]
+    """The grid's cells (`grid.Cell`), all of them, finished or not."""
+    headline_arms: list[str]
+    margins: dict[str, dict[str, float]]
+    thresholds: dict[str, dict[str, float]]
+    grid_file: str
+    started: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    """(config.json, environment.json) of every started run, finished or not: how the runs were made."""
+
+
+def load_converged(root: Path, grid_file: str | Path) -> ConvergedStudy:
+    """Read a converged study: its grid's plan, its finished runs (each checked against its planned cell) and
+    its unfinished folders. A finished run that is no cell of the grid, or was made with other settings than its
+    cell (beyond what the grid's command line sets for every cell, such as --glue_dir), is refused."""
+    from ..core.config import RUNTIME_FIELDS
+    from .grid import GridSpec, expand
+
+    spec = GridSpec.load(grid_file)
+    planned = expand(spec)
+    by_name = {c.name: c for c in planned}
+    runs = load_runs([root])
+    for r in runs:
+        name = str(r.path.relative_to(root))
+        if name not in by_name:
+            raise BertAccumError(f"{r.path} is no cell of grid {grid_file}; keep runs of other grids in another folder")
+        # What the grid's command line may set for every cell (--glue_dir, ...) is no difference of settings.
+        mine, want = identity(r), cell_identity(by_name[name])
+        diff = sorted(k for k in set(mine) | set(want) if k not in RUNTIME_FIELDS and mine.get(k) != want.get(k))
+        if diff:
+            raise BertAccumError(f"{r.path} was made with other settings than its cell of {grid_file}: " + "; ".join(
+                f"{k} ({mine.get(k)!r} vs {want.get(k)!r})" for k in diff))
+    unfinished = unfinished_runs([root])
+    started = [(r.config, r.environment) for r in runs] + [
+        (read_json(d / "config.json"), read_json(d / "environment.json") if (d / "environment.json").is_file() else {})
+        for d in unfinished if (d / "config.json").is_file()]
+    # The headline arm runs TrainConfig's defaults (an empty arm) and accumulates: what users run.
+    accumulating = {c.arm for c in planned if c.accumulation_steps > 1}
+    headline = [a for a, values in spec.arms.items() if not values and a in accumulating]
+    return ConvergedStudy(
+        name=root.name, root=root, runs=runs, unfinished=[str(d.relative_to(root)) for d in unfinished], planned=planned,
+        headline_arms=headline, margins=spec.equivalence_margins, thresholds=spec.reference_thresholds,
+        grid_file=str(grid_file), started=started,
+    )
+
+
+def _match_grids(runs_dirs: list[str], grids: list[str]) -> dict[str, str]:
+    """{runs folder: grid file}: a grid belongs to the runs folder named like its `runs_dir` (or, with one of
+    each, to the only runs folder)."""
+    from .grid import GridSpec
+
+    out: dict[str, str] = {}
+    for g in grids:
+        want = Path(GridSpec.load(g).runs_dir).name
+        match = [d for d in runs_dirs if Path(d).name == want]
+        if not match and len(grids) == 1 and len(runs_dirs) == 1:
+            match = runs_dirs
+        if len(match) != 1:
+            raise BertAccumError(f"grid {g} (runs_dir {want}) matches {len(match)} of the runs folders "
+                                 f"{', '.join(runs_dirs) or '(none)'}; give the folder named {want}")
+        out[match[0]] = g
     return out
 
 
-def _range_text(stats: dict[str, tuple[float, float]]) -> str:
-    if not stats:
-        return "not probed"
-    return "; ".join(f"{k}: {fmt(lo, 3)}–{fmt(hi, 3)}" for k, (lo, hi) in stats.items())
+# ------------------------------------------------------------------------------------------ the report
+@dataclass
+class ReportInputs:
+    """Where `build_report` reads from and writes to (output_dir None: a new timestamped folder under reports/)."""
+
+    runs_dirs: list[str]
+    probe_dir: str | None = "results/probe"
+    batchnorm_dir: str | None = "results/batchnorm"
+    output_dir: str | None = None
+    command: str = ""
+    grids: list[str] = field(default_factory=list)
+    early_csv: str | None = None
+    glue_dir: str | None = None
+    sections: list[str] = field(default_factory=list)
+    """Markdown sections written by other study scripts (e.g. results/trainer/trainer.md), each headed by its
+    provenance comment; appended after the converged study with that provenance kept beside them."""
 
 
-def _final_distance(curves, study, task, arm, bn=None) -> float:
-    """Mean relative parameter distance at the last fingerprinted step (over seeds and, unless given, over (B, N))."""
-    pts = [c for c in curves if c["study"] == study and c["task"] == task and c["arm"] == arm and c["kind"] == "vs_reference"
-           and (bn is None or (c["micro_batch_size"], c["accumulation_steps"]) == bn)]
-    if not pts:
-        return float("nan")
-    last = max(c["optimizer_step"] for c in pts)
-    return statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == last)
+def read_section(path: Path) -> tuple[str, str, str]:
+    """(path, provenance, body) of a Markdown section file whose first line is its `<!-- command: ... -->` header;
+    a section that does not say how it was made is refused."""
+    if not path.is_file():
+        raise BertAccumError(f"--section {path}: no such file")
+    lines = path.read_text().splitlines()
+    match = re.fullmatch(r"<!-- (command: .*) -->", lines[0]) if lines else None
+    if not match:
+        raise BertAccumError(f"--section {path}: its first line must be the provenance comment <!-- command: ... -->")
+    return str(path), match.group(1), "\n".join(lines[1:]).strip("\n")
 
 
-def _first_distance(curves, arm: str) -> float:
-    """Mean relative parameter distance to the reference at the first step where it is defined (over every task)."""
-    pts = [c for c in curves if c["arm"] == arm and c["kind"] == "vs_reference" and not math.isnan(c["rel_param_distance"])]
-    if not pts:
-        return float("nan")
-    first = min(c["optimizer_step"] for c in pts)
-    return statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == first)
+def default_output_dir(base: str | Path = "reports") -> Path:
+    """A new folder name under `base` stamped with the local time (never an existing one)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, k = Path(base) / stamp, 1
+    while out.exists():
+        k += 1
+        out = Path(base) / f"{stamp}-{k}"
+    return out
 
 
-def _floor_distance(curves, study, task, arm) -> float:
-    pts = [c for c in curves if c["study"] == study and c["task"] == task and c["arm"] == arm and c["kind"] == "seed_floor"]
-    if not pts:
-        return float("nan")
-    last = max(c["optimizer_step"] for c in pts)
-    return statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == last)
+def build_report(inp: ReportInputs) -> Path:
+    """Read and check every input, compute the numbers, render REPORT.md and the figures in a temporary folder,
+    then move REPORT.md, numbers.json, study/*.csv and study/figures/ into the output folder; returns REPORT.md."""
+    from . import figures, numbers, templates
+
+    if inp.output_dir:
+        check_writable_dir(Path(inp.output_dir))  # before any reading or computing
+    grid_of = _match_grids(inp.runs_dirs, inp.grids)
+    converged = [load_converged(Path(d), grid_of[d]) for d in inp.runs_dirs if d in grid_of]
+    early_runs = load_runs([d for d in inp.runs_dirs if d not in grid_of])
+    early = early_from_runs(early_runs)
+    if inp.early_csv:
+        have = {e.name for e in early}
+        early += [e for e in read_early_tables(inp.early_csv) if e.name not in have]
+    probes = load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
+    if not converged and not early:
+        raise BertAccumError("nothing to report: give runs folders (with --grid for a converged study) or --early_csv")
+    extra = [read_section(Path(p)) for p in inp.sections]
+    prov = provenance(inp.command or command_line(), git_commit())
+    out = Path(inp.output_dir) if inp.output_dir else default_output_dir()
+
+    nums = numbers.compute(converged, early, probes, Path(inp.batchnorm_dir) if inp.batchnorm_dir else None,
+                           prov, glue_dir=inp.glue_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        figs = figures.draw_all(nums, converged, early, probes, tmp / "study" / "figures")
+        text = templates.render(nums, {k: str(p.relative_to(tmp)) for k, p in figs.items()}, extra)
+        (tmp / "REPORT.md").write_text(text)
+        (tmp / "numbers.json").write_text(numbers.to_json(nums))
+        _write_tables(tmp / "study", nums, converged, early, prov)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, out)
+    return out / "REPORT.md"
 
 
-def render_report(runs, summaries, curves, probes, figures, out: Path, md_head: str, batchnorm_dir: Path | None) -> str:
-    """REPORT.md: the toy example, then cause by cause with the numbers of these runs and probes."""
-    studies = sorted({r.study for r in runs})
-    main_rows = [s for s in summaries if s.n_pairs]
-    n_runs = len(runs)
-    seeds = sorted({r.seed for r in runs})
-    total_seconds = sum(r.final.get("train_seconds", 0.0) for r in runs)
-    devices = sorted({str(r.final.get("device")) for r in runs})
-    rel = lambda p: str(Path(p).relative_to(out)) if Path(p).is_relative_to(out) else str(p)  # noqa: E731
+def _write_tables(folder: Path, nums: dict[str, Any], converged: list[ConvergedStudy], early: list[EarlyStudy],
+                  prov: str) -> None:
+    """study/runs.csv, summary.csv and param_distance.csv for studies read from run folders; the converged
+    study's tables as <study>_<table>.csv."""
+    from .numbers import converged_tables
 
-    toy = toy_example()
-    L = [md_head, "", "# Why gradient accumulation drifts from the large batch: the study report", ""]
-    L += [
-        f"Generated by `scripts/report.py` from {n_runs} finished run folders ({', '.join(studies)}), seeds "
-        f"{', '.join(map(str, seeds))}, on {', '.join(devices)}; {total_seconds / 3600:.2f} h of training time in total. "
-        "Every number below is computed from those folders and from the probe tables; nothing is typed in by hand.",
-        "",
-        "## 1. The toy example is exact, and why",
-        "",
-        f"One weight w = 1, loss −(w·x)² per example, examples x = 4 and x = 2. As one batch, the mean loss has gradient "
-        f"mean(−2x²w) = −(32 + 8)/2 = {toy['batch_grad']:g}. Accumulated over two micro-batches of one example, each loss "
-        f"scaled by 1/N = 1/2: the first backward leaves {toy['accumulated'][0]:g} in `.grad`, the second adds −4, giving "
-        f"{toy['accumulated'][1]:g}. SGD with lr 0.01 moves w from 1 to {toy['w_accumulated']:.4g} accumulated and to "
-        f"{toy['w_batch']:.4g} as one batch (computed by `bert_accum.study.report.toy_example`, the same numbers as "
-        "`tests/test_accumulation.py`). It is exact because the gradient is linear in the "
-        "loss and the loss is a sum over examples that never interact: splitting the sum and scaling each part by its "
-        "share of the examples changes only the order of additions. BERT fine-tuning breaks each of those premises "
-        "somewhere: dropout draws masks per micro-batch, padding changes tensor shapes, a per-token loss averages "
-        "over different counts, float additions are not associative, and loops get the bookkeeping wrong.",
-        "",
-    ]
+    from_runs = [e for e in early if e.run_objects]
+    # The early study's tables keep their own names (an --early_csv report reads them back); a converged study's
+    # runs go to <study>_runs.csv, so regenerating into results/ never overwrites the committed early tables.
+    runs = [row for e in from_runs for row in e.runs]
+    if runs:
+        write_csv(folder / "runs.csv", runs, prov)
+    for c in converged:
+        if c.runs:
+            write_csv(folder / f"{c.name}_runs.csv", [run_row(r) for r in c.runs], prov)
+    if from_runs:
+        write_csv(folder / "summary.csv", [{f.name: getattr(s, f.name) for f in fields(Summary)}
+                                           for e in from_runs for s in e.summaries], prov)
+        curves = [c for e in from_runs for c in e.curves]
+        if curves:
+            write_csv(folder / "param_distance.csv", curves, prov)
+    for c in converged:
+        for table, rows in converged_tables(nums, c.name).items():
+            if rows:
+                write_csv(folder / f"{c.name}_{table}.csv", rows, prov)
 
-    L += _brief(runs, summaries, curves, probes)
 
-    # ---- the causes, one by one
-    L += ["## 2. Where real BERT departs, cause by cause", ""]
-    L += _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out)
-
-    # ---- final metrics
-    L += ["## 3. Do final metrics differ beyond seed noise?", ""]
-    for study in studies:
-        rows = [s for s in summaries if s.study == study]
-        L += [f"### Study `{study}`", ""]
-        L += [_study_setup(runs, study), ""]
-        for p in figures.get(study, []):
-            if p.name.startswith("paired_diff"):
-                L += [f"![paired differences]({rel(p)})", ""]
-        L += [md_table(summary_rows(rows), ["task", "arm", "B", "N", "metric", "n", "mean ± std", "paired diff", "95% CI",
-                                            "seed std", "beyond noise", "param dist", "vs"]), ""]
-        judged = [s for s in rows if s.beyond_seed_noise]
-        beyond = [s for s in judged if s.beyond_seed_noise == "yes"]
-        if judged:
-            L += [f"Of {len(judged)} paired comparisons in `{study}`, {len(beyond)} differ beyond seed noise"
-                  + (": " + ", ".join(f"{s.task} {s.arm} B{s.micro_batch_size}N{s.accumulation_steps} "
-                                      f"({fmt(s.diff_mean)})" for s in beyond) if beyond else "")
-                  + ". `paired diff` is the mean over seeds of (run − reference of the same seed); `param dist` the "
-                  "final relative parameter distance to the reference.", ""]
-    L += ["Columns: `mean ± std` over seeds (n runs); `paired diff` and its 95% Student-t interval over the paired seeds; "
-          "`seed std` = standard deviation of the reference's metric over seeds; `beyond noise` = the interval excludes 0 "
-          "and |paired diff| > seed std. Full per-run rows: `study/runs.csv`; this table: `study/summary.csv`.", ""]
-
-    # ---- growth over training
-    L += ["## 4. How the drift grows over training", ""]
-    L += ["Parameter distance to the large batch after each fingerprinted optimizer step, relative to how far the "
-          "large-batch run moved from the initial weights, mean over seeds; grey: two seeds of the large batch "
-          "(per-step values in `study/param_distance.csv`).", ""]
-    for study in studies:
-        for p in figures.get(study, []):
-            if p.name.startswith("param_distance"):
-                L += [f"![{p.stem}]({rel(p)})", ""]
-    L += _growth_table(curves)
-    L += ["", "Gradient-norm trajectories per configuration (before clipping):", ""]
-    for study in studies:
-        for p in figures.get(study, []):
-            if p.name.startswith("grad_norm"):
-                L += [f"![{p.stem}]({rel(p)})", ""]
-
-    # ---- cost
-    L += ["## 5. Cost", ""]
-    cost = defaultdict(list)
-    for r in runs:
-        cost[(r.study, r.task, r.bn)].append(r)
-    crow = []
-    for (study, task, bn), members in sorted(cost.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2][0])):
-        crow.append({"study": study, "task": task, "B": bn[0], "N": bn[1], "runs": len(members),
-                     "median train s / run": statistics.median(m.final.get("train_seconds", 0) for m in members),
-                     "median examples/s": statistics.median(m.final.get("examples_per_second", 0) for m in members),
-                     "device": ",".join(sorted({str(m.final.get('device')) for m in members}))})
-    L += [md_table(crow, list(crow[0])), ""]
-    L += [f"Total training time {total_seconds / 3600:.2f} h over {n_runs} runs (excluding start-up and evaluation). "
-          "Runs shared the machine's cores with each other (two at a time) and with other work, and a few were "
-          "paused while the machine was needed for timings, hence medians; throughput here is indicative, see "
-          "`perf.md` for controlled timings.", ""]
-    return "\n".join(L) + "\n"
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished files from `tmp` into `out`: the whole folder when `out` is new, else file by file with
+    the figures folder swapped whole (the old one removed only after the new one is in place)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    try:
+        for src in sorted(p for p in tmp.rglob("*") if p.is_file() and "figures" not in p.relative_to(tmp).parts):
+            dst = out / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        new_figs, figs = tmp / "study" / "figures", out / "study" / "figures"
+        if new_figs.is_dir():
+            old = None
+            if figs.exists():
+                old = figs.with_name(f".figures-old-{os.getpid()}")
+                os.replace(figs, old)
+            os.replace(new_figs, figs)
+            if old is not None:
+                shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def toy_example() -> dict[str, Any]:
@@ -628,245 +746,3 @@ def toy_example() -> dict[str, Any]:
     batch_grad = float(v.grad)
     torch.optim.SGD([v], lr=0.01).step()
     return {"accumulated": accumulated, "batch_grad": batch_grad, "w_accumulated": float(w.detach()), "w_batch": float(v.detach())}
-
-
-def _brief(runs, summaries, curves, probes) -> list[str]:
-    """The answer in a few numbers, before the details."""
-    cls = {k: v for k, v in probes.items() if all(r.get("objective") != "mlm" for r in v)}
-    mlm = {k: v for k, v in probes.items() if any(r.get("objective") == "mlm" for r in v)}
-
-    def mean_dist(arm):
-        vals = [s.rel_param_distance for s in summaries if s.arm == arm and s.n_pairs and not math.isnan(s.rel_param_distance)]
-        return statistics.fmean(vals) if vals else float("nan")
-
-    floors = [c["rel_param_distance"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"]
-    last = max((c["optimizer_step"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"), default=None)
-    floor = statistics.fmean(c["rel_param_distance"] for c in curves if c["kind"] == "seed_floor" and c["arm"] == "default"
-                             and c["optimizer_step"] == last) if floors else float("nan")
-    judged = [s for s in summaries if s.beyond_seed_noise and not s.arm.startswith("bug_")]
-    beyond = [s for s in judged if s.beyond_seed_noise == "yes"]
-    bugs = [s for s in summaries if s.arm.startswith("bug_") and s.beyond_seed_noise]
-    L = ["## The answer in brief", ""]
-    L.append(f"- **One step, standard dropout:** the accumulated gradient of (B, N) sits "
-             f"{_range_text(_probe_stat(cls, 'default'))} of a seed floor away from (E, 1) (ratio to the distance "
-             "between two dropout seeds of (E, 1)): dropout masks drawn per micro-batch make accumulation as different "
-             "from the large batch as a new seed. Switching every cause off leaves "
-             f"{_range_text(_probe_stat(cls, 'controlled', 'rel_l2'))} relative L2 in fp32 and "
-             f"{_range_text(_probe_stat(cls, 'controlled_fp64', 'rel_l2'))} in fp64: nothing but summation order.")
-    if mlm:
-        L.append(f"- **Per-token loss:** with masked-LM, averaging micro-batch means (`mean_of_means`) adds "
-                 f"{_range_text(_probe_stat(mlm, 'controlled_loss_mean_of_means', 'rel_l2'))} relative L2 in one step, growing "
-                 "as B shrinks; `global` normalisation removes it. Padding, once the attention mask is honoured, adds only "
-                 "round-off.")
-    L.append(f"- **Over training:** the default arm ends {fmt(mean_dist('default'))} (relative parameter distance, mean over "
-             f"tasks and (B, N)) from the large batch of the same seed, against {fmt(floor)} between two seeds of the "
-             f"large batch; the controlled arm ends {fmt(mean_dist('controlled'))} away.")
-    if judged:
-        L.append(f"- **Final metrics:** {len(beyond)} of {len(judged)} (B, N) cells differ from the large batch beyond seed "
-                 "noise (the 95% interval of the paired difference excludes 0 and its mean exceeds one seed standard deviation)"
-                 + (": " + ", ".join(f"{s.task} {s.arm} B{s.micro_batch_size}N{s.accumulation_steps}" for s in beyond) if beyond else "")
-                 + f" (n = {min(s.n_pairs for s in judged)}–{max(s.n_pairs for s in judged)} seeds per cell).")
-    if bugs:
-        L.append("- **Loop bugs** (against the correct loop): " + "; ".join(
-            f"{s.arm[4:]}: {s.metric_name} {fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}, "
-            f"{'beyond' if s.beyond_seed_noise == 'yes' else 'within'} seed noise" for s in bugs) + ".")
-    L.append("")
-    return L
-
-
-def _study_setup(runs: list[Run], study: str) -> str:
-    mine = [r for r in runs if r.study == study]
-    cfg = json.loads((mine[0].path / "config.json").read_text())
-    derived = cfg.get("derived", {})
-    name = cfg.get("model_name_or_path")
-    model = "embedded all-MiniLM-L6-v2" if name == "embedded" else name
-    return (f"Model `{model}`, max_length {cfg.get('max_length')}, "
-            f"learning rate {cfg.get('learning_rate')}, warmup ratio {cfg.get('warmup_ratio')}, "
-            f"{derived.get('total_optimizer_steps')} optimizer steps over {derived.get('train_examples')} training examples "
-            f"({derived.get('epochs')} epoch(s)), effective batch {derived.get('effective_batch_size')}; "
-            f"tasks {', '.join(sorted({r.task for r in mine}))}; arms {', '.join(sorted({r.arm for r in mine}))}; "
-            f"{len(mine)} runs.")
-
-
-def _growth_table(curves: list[dict[str, Any]]) -> list[str]:
-    keyed = defaultdict(list)
-    for c in curves:
-        keyed[(c["study"], c["task"], c["arm"], c["kind"], c["micro_batch_size"], c["accumulation_steps"])].append(c)
-    rows = []
-    for (study, task, arm, kind, b, n), pts in sorted(keyed.items()):
-        at = lambda s: statistics.fmean(p["rel_param_distance"] for p in pts if p["optimizer_step"] == s)  # noqa: E731
-        # A step whose reference has not moved yet (learning rate 0 at the first warmup step) has no relative distance.
-        steps = [s for s in sorted({p["optimizer_step"] for p in pts}) if not math.isnan(at(s))]
-        if not steps:
-            continue
-        rows.append({"study": study, "task": task, "arm": arm, "compared": "seed floor" if kind == "seed_floor" else f"B{b} N{n}",
-                     "first step": steps[0], "at first": at(steps[0]), "middle step": steps[len(steps) // 2],
-                     "at middle": at(steps[len(steps) // 2]), "last step": steps[-1], "at last": at(steps[-1])})
-    if not rows:
-        return ["(no fingerprints)"]
-    return [md_table(rows, list(rows[0]))]
-
-
-def _cause_sections(runs, summaries, curves, probes, batchnorm_dir, out) -> list[str]:
-    L: list[str] = []
-    cls_probes = {k: v for k, v in probes.items() if all(r.get("objective") != "mlm" for r in v)}
-    mlm_probes = {k: v for k, v in probes.items() if any(r.get("objective") == "mlm" for r in v)}
-    attribution = []
-
-    def training_numbers(arm: str) -> tuple[float, float, float]:
-        """(mean final relative distance, mean |paired diff|, mean seed floor distance) over tasks for an arm."""
-        sel = [s for s in summaries if s.arm == arm and s.n_pairs]
-        dist = [_final_distance(curves, s.study, s.task, arm, (s.micro_batch_size, s.accumulation_steps)) for s in sel]
-        dist = [d for d in dist if not math.isnan(d)]
-        diffs = [abs(s.diff_mean) for s in sel if not math.isnan(s.diff_mean)]
-        floors = [_floor_distance(curves, s.study, s.task, arm) for s in sel]
-        floors = [f for f in floors if not math.isnan(f)]
-        return (statistics.fmean(dist) if dist else float("nan"), statistics.fmean(diffs) if diffs else float("nan"),
-                statistics.fmean(floors) if floors else float("nan"))
-
-    d_def, m_def, f_def = training_numbers("default")
-    d_ctl, m_ctl, f_ctl = training_numbers("controlled")
-    L += [
-        "### Dropout RNG",
-        "",
-        "With standard dropout each micro-batch draws its masks from torch's RNG stream, so the same example gets "
-        "different masks in (B, N) than in (B·N, 1). The `invariant` mode makes a mask a pure function of (seed, "
-        "example, epoch, site, position).",
-        "",
-        f"- One step (probe, accumulated gradient vs (E, 1), as a fraction of the seed floor = two dropout seeds of "
-        f"(E, 1)): standard dropout with every other cause off: {_range_text(_probe_stat(cls_probes, 'controlled_dropout_standard'))}; "
-        f"everything off: {_range_text(_probe_stat(cls_probes, 'controlled'))}.",
-        f"- Training (final relative parameter distance to (E, 1), mean over tasks, (B, N) and seeds): default arm "
-        f"{fmt(d_def)} (seed floor {fmt(f_def)}), controlled arm {fmt(d_ctl)} (seed floor {fmt(f_ctl)}); mean "
-        f"|paired metric difference| {fmt(m_def)} (default) vs {fmt(m_ctl)} (controlled).",
-        "",
-    ]
-    attribution.append({"cause": "dropout RNG", "switch": "--dropout invariant",
-                        "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_dropout_standard")),
-                        "training: param distance": f"default {fmt(d_def)} vs controlled {fmt(d_ctl)}",
-                        "training: mean abs metric diff": f"default {fmt(m_def)} vs controlled {fmt(m_ctl)}"})
-
-    L += [
-        "### Padding",
-        "",
-        "Dynamic padding pads each micro-batch to its own longest sequence, so (B, N) runs other tensor shapes and "
-        "another floating-point path than (B·N, 1). With the attention mask honoured (also in the invariant-dropout "
-        "attention function, whose mask function is registered alongside it), padded positions contribute exact zeros.",
-        "",
-        f"- One step: dynamic instead of window padding with everything else off: "
-        f"{_range_text(_probe_stat(cls_probes, 'controlled_padding_dynamic'))} of the seed floor; "
-        f"relative L2 {_range_text(_probe_stat(cls_probes, 'controlled_padding_dynamic', 'rel_l2'))}: round-off.",
-        "",
-    ]
-    attribution.append({"cause": "padding", "switch": "--padding window",
-                        "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_padding_dynamic")),
-                        "training: param distance": "in the default arm (probe: round-off)", "training: mean abs metric diff": "—"})
-
-    mlm_rows = {a: [s for s in summaries if s.arm == a and s.n_pairs]
-                for a in ("mlm_default", "mlm_global", "mlm_controlled", "mlm_controlled_mean_of_means")}
-    L += [
-        "### Per-token loss averaging (masked-LM)",
-        "",
-        "With a per-token loss, `mean_of_means` averages each micro-batch's token mean with weight 1/N although "
-        "micro-batches hold different numbers of predicted tokens; `global` divides the window's summed token loss by "
-        "the window's token count (all-reduced over processes). For classification both are the same (one item per "
-        "example).",
-        "",
-        f"- One step: mean_of_means with everything else off: {_range_text(_probe_stat(mlm_probes, 'controlled_loss_mean_of_means'))} "
-        f"of the seed floor (relative L2 {_range_text(_probe_stat(mlm_probes, 'controlled_loss_mean_of_means', 'rel_l2'))}); "
-        f"for classification: {_range_text(_probe_stat(cls_probes, 'controlled_loss_mean_of_means', 'rel_l2'))} relative L2.",
-    ]
-    for arm, rows in mlm_rows.items():
-        for s in rows:
-            L.append(f"- Training, `{arm}` B={s.micro_batch_size} N={s.accumulation_steps} (n={s.n_pairs}): final relative "
-                     f"parameter distance to (E, 1) {_pm(s.rel_param_distance, s.rel_param_distance_std)}, paired "
-                     f"{s.metric_name} difference {fmt(s.diff_mean)} {_ci(s.diff_lo, s.diff_hi)}.")
-    dist = {a: statistics.fmean(s.rel_param_distance for s in rows) for a, rows in mlm_rows.items() if rows}
-    if "mlm_default" in dist and "mlm_global" in dist:
-        L.append(f"- With standard dropout the normalisation hardly shows over training: {fmt(dist['mlm_default'])} "
-                 f"(mean_of_means) against {fmt(dist['mlm_global'])} (global), because the dropout masks already move "
-                 "(B, N) that far from (E, 1).")
-    if "mlm_controlled" in dist and "mlm_controlled_mean_of_means" in dist:
-        L.append(f"- With dropout and padding held fixed it is the only difference left: {fmt(dist['mlm_controlled'])} "
-                 f"(global) against {fmt(dist['mlm_controlled_mean_of_means'])} (mean_of_means).")
-    L.append("")
-    attribution.append({"cause": "per-token loss averaging", "switch": "--loss_normalization global",
-                        "one step (ratio to seed floor)": _range_text(_probe_stat(mlm_probes, "controlled_loss_mean_of_means")),
-                        "training: param distance": "; ".join(f"{a} {fmt(statistics.fmean(s.rel_param_distance for s in rows))}"
-                                                              for a, rows in mlm_rows.items() if rows) or "not run",
-                        "training: mean abs metric diff": "; ".join(f"{a} {fmt(statistics.fmean(abs(s.diff_mean) for s in rows))}"
-                                                                  for a, rows in mlm_rows.items() if rows) or "not run"})
-
-    L += [
-        "### Precision and floating-point order",
-        "",
-        f"- fp32 round-off with every cause off (one step): relative L2 {_range_text(_probe_stat(cls_probes, 'controlled', 'rel_l2'))}; "
-        f"in float64: {_range_text(_probe_stat(cls_probes, 'controlled_fp64', 'rel_l2'))}. The fp32 difference is "
-        "summation order, nothing else.",
-        f"- bf16 autocast (one step): relative L2 {_range_text(_probe_stat(cls_probes, 'controlled_bf16', 'rel_l2'))}.",
-        f"- Over training, the controlled arm's fp32 round-off becomes a relative parameter distance of "
-        f"{fmt(_first_distance(curves, 'controlled'))} after the first step that moves the weights and "
-        f"{fmt(d_ctl)} at the end (section 4), against {fmt(f_def)} between two seeds. The jump from the gradient's 1e-7 "
-        "to 1e-5 in one step fits Adam's first update, lr·g/(|g| + ε) ≈ lr·sign(g): a coordinate whose gradient is near "
-        "zero gets a full-size step whose sign round-off can decide (a likely mechanism, not measured separately here); "
-        "after that step the distance stays flat.",
-        "",
-    ]
-    attribution.append({"cause": "fp32 summation order", "switch": "(fp64 shows the floor)",
-                        "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled")),
-                        "training: param distance": f"controlled {fmt(d_ctl)}", "training: mean abs metric diff": f"controlled {fmt(m_ctl)}"})
-    attribution.append({"cause": "bf16 autocast", "switch": "--precision fp32",
-                        "one step (ratio to seed floor)": _range_text(_probe_stat(cls_probes, "controlled_bf16")),
-                        "training: param distance": "not run", "training: mean abs metric diff": "not run"})
-
-    bug_rows = [s for s in summaries if s.arm.startswith("bug_") and s.n_pairs]
-    if bug_rows:
-        L += ["### Known loop bugs (measured, against the correct loop at the same (B, N) and seeds)", ""]
-        table = []
-        for s in bug_rows:
-            bn = (s.micro_batch_size, s.accumulation_steps)
-            members = [r for r in runs if (r.study, r.task, r.arm, r.bn) == (s.study, s.task, s.arm, bn)]
-            refs = [r for r in runs if (r.study, r.task, r.arm, r.bn) == (s.study, s.task, "default", bn)]
-            table.append({"bug": s.arm[4:], "task": s.task, "B": s.micro_batch_size, "N": s.accumulation_steps, "n": s.n_pairs,
-                          "optimizer steps": _steps_text(members), "correct loop steps": _steps_text(refs),
-                          "last LR": _last_lr(members), "correct last LR": _last_lr(refs),
-                          "paired diff": s.diff_mean, "95% CI": _ci(s.diff_lo, s.diff_hi), "seed std": s.seed_std,
-                          "param dist": s.rel_param_distance})
-            attribution.append({"cause": f"bug: {s.arm[4:]}", "switch": "(correct loop)", "one step (ratio to seed floor)": "—",
-                                "training: param distance": fmt(s.rel_param_distance),
-                                "training: mean abs metric diff": fmt(abs(s.diff_mean))})
-        L += [md_table(table, list(table[0])), "",
-              "`param dist`: final parameter distance to the correct run of the same seed, relative to the correct run's "
-              "total movement. `optimizer steps` and `last LR` show what each bug changes in the schedule.", ""]
-
-    if batchnorm_dir is not None and (batchnorm_dir / "norm_study.md").exists():
-        text = (batchnorm_dir / "norm_study.md").read_text()
-        m = re.search(r"## Interpretation\s+(.+?)\n\n", text, re.S)
-        L += ["### BatchNorm (the remark that accumulation is exact only without batch statistics)", "",
-              (m.group(1).strip() if m else "See the table.") + f" Full table: `{batchnorm_dir.relative_to(out) if batchnorm_dir.is_relative_to(out) else batchnorm_dir}/norm_study.md`. "
-              "BERT uses LayerNorm, which normalises each token by itself, so this cause does not apply to it.", ""]
-        attribution.append({"cause": "BatchNorm statistics (not in BERT)", "switch": "LayerNorm/GroupNorm",
-                            "one step (ratio to seed floor)": "see norm_study.md", "training: param distance": "see norm_study.md",
-                            "training: mean abs metric diff": "see norm_study.md"})
-
-    L += ["### Multi-process reduction", "",
-          "With W processes DDP averages gradients over ranks; the loop scales each rank's loss by W and all-reduces the "
-          "item count for `global` normalisation, so (W=2, B=2, N=2) gives the (W=1, B=8, N=1) gradient to round-off "
-          "(`tests/test_distributed.py`, two gloo ranks); see `docs/distributed.md`.", ""]
-
-    L += ["### Drift attribution at a glance", "",
-          md_table(attribution, list(attribution[0])), "",
-          "One step: the probe's accumulated-gradient difference to (E, 1) divided by the seed floor (two dropout seeds "
-          "of (E, 1)), min–max over (B, N) per probe table. Training: final relative parameter distance and mean "
-          "|paired final-metric difference| to the reference, averaged over tasks and (B, N).", ""]
-    return L
-
-
-def _steps_text(members: list[Run]) -> str:
-    vals = sorted({m.final.get("optimizer_steps", m.final.get("optimizer_step")) for m in members} - {None})
-    return ",".join(map(str, vals))
-
-
-def _last_lr(members: list[Run]) -> str:
-    vals = sorted({round(m.steps[-1]["learning_rate"], 10) for m in members if m.steps})
-    return ",".join(f"{v:.2e}" for v in vals)

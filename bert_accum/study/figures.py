@@ -1,0 +1,304 @@
+"""The report's figures, drawn from the numbers dict (and, for early-training runs, from their run folders):
+small multiples with full arm names in the labels and a legend in every figure.
+
+  attribution.png            each cause's one-step effect (probe) as a ratio to the seed floor, log scale
+  forest_<study>.png         TOST forest plot: paired differences, 90% intervals, ±margin
+  scatter_<study>.png        per-seed (B, N) final metric against (E, 1), y = x, trivial baseline, floor pairs
+  curves_<study>.png         learning curves from eval.jsonl, mean over finished seeds
+  paired_diff_<study>.png, grad_norm_<study>_<task>.png, param_distance_<study>_<task>.png   early training
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .numbers import cell_label
+from .report import ConvergedStudy, EarlyStudy, arm_rank
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, layout: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if layout:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def draw_all(nums: dict[str, Any], converged: list[ConvergedStudy], early: list[EarlyStudy],
+             probes: dict[str, list[dict[str, Any]]], figdir: Path) -> dict[str, Path]:
+    """Every figure the numbers allow; {name: path}."""
+    out: dict[str, Path] = {}
+    if probes:
+        out["attribution"] = attribution(nums, probes, figdir / "attribution.png")
+    for s in nums["studies.converged"]:
+        for name, fn in (("forest", forest), ("scatter", scatter), ("curves", curves)):
+            path = fn(nums, s, figdir / f"{name}_{s}.png")
+            if path is not None:
+                out[f"{name}_{s}"] = path
+    for st in early:
+        if not st.run_objects:
+            continue
+        p = plot_paired_diffs(st, figdir)
+        if p is not None:
+            out[p.stem] = p
+        for task in sorted({r.task for r in st.run_objects}):
+            for p in plot_task(st, task, figdir):
+                out[p.stem] = p
+    return out
+
+
+def pretty(label: str) -> str:
+    """'default.B2_N4' -> 'default (B=2, N=4)': a cell label with the arm's full name."""
+    arm, bn = label.split(".", 1)
+    return f"{arm} (" + ", ".join(f"{p[0]}={p[1:]}" for p in bn.split("_")) + ")"
+
+
+def _grid(n: int, width: float = 4.6, height: float = 3.6, cols: int = 3):
+    plt = _plt()
+    cols = min(n, cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def attribution(nums: dict[str, Any], probes: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """One panel per probe table: every probe arm's ratio to the seed floor per (B, N), log scale."""
+    plt = _plt()
+    tables = sorted(probes)
+    fig, axes = _grid(len(tables), width=6.0, height=4.0)
+    for ax, name in zip(axes, tables):
+        rows = probes[name]
+        arms = list(dict.fromkeys(r["arm"] for r in rows))
+        bns = sorted({(int(r["micro_batch_size"]), int(r["accumulation_steps"])) for r in rows}, key=lambda bn: -bn[0])
+        colours = {bn: plt.cm.viridis(i / max(1, len(bns) - 1)) for i, bn in enumerate(bns)}
+        for i, bn in enumerate(bns):
+            xs, ys = [], []
+            for j, arm in enumerate(arms):
+                for r in rows:
+                    if r["arm"] == arm and (int(r["micro_batch_size"]), int(r["accumulation_steps"])) == bn:
+                        v = r.get("ratio_to_floor")
+                        if isinstance(v, float) and v > 0:
+                            xs.append(j + (i - (len(bns) - 1) / 2) * 0.12)
+                            ys.append(v)
+            ax.scatter(xs, ys, color=colours[bn], s=22, label=f"B={bn[0]}, N={bn[1]}", zorder=3)
+        ax.axhline(1.0, color="grey", lw=1, ls="--", label="seed floor (two dropout seeds of (E, 1))")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels([f"{a}\n({nums.get(f'probe.{name}.{a}.kind', '')})" for a in arms], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("one-step ||g − g(E,1)|| / seed floor")
+        ax.set_title(f"probe {name} ({nums.get(f'probe.{name}.task')}, {nums.get(f'probe.{name}.objective')})", fontsize=9)
+        ax.grid(alpha=0.3, which="both", axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path, layout=False)
+
+
+def _pairs(nums: dict[str, Any], s: str) -> list[tuple[str, int, str, str]]:
+    out = []
+    for task in nums[f"{s}.tasks"]:
+        for E in nums[f"{s}.{task}.E"]:
+            for label in nums[f"{s}.{task}.e{E}.pairs"]:
+                out.append((task, E, label, f"{s}.{task}.e{E}.pair.{label}"))
+    return out
+
+
+def forest(nums: dict[str, Any], s: str, path: Path) -> Path | None:
+    """One panel per task: each (arm, (B, N)) pair's mean paired difference with its 90% interval, ±margin shaded."""
+    tasks = [t for t in nums[f"{s}.tasks"] if any(p[0] == t for p in _pairs(nums, s))]
+    if not tasks:
+        return None
+    fig, axes = _grid(len(tasks), width=11.0, height=1.2 + 0.45 * max(len(_pairs(nums, s)), 2), cols=1)
+    for ax, task in zip(axes, tasks):
+        mine = [p for p in _pairs(nums, s) if p[0] == task]
+        margin = nums[f"{s}.{task}.margin"]
+        if isinstance(margin, float) and math.isfinite(margin):
+            ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±margin {margin:g}")
+        ax.axvline(0, color="black", lw=0.8)
+        for i, (*_, k) in enumerate(mine):
+            m, lo, hi = nums[f"{k}.tost.mean"], nums[f"{k}.tost.ci90_low"], nums[f"{k}.tost.ci90_high"]
+            colour = "tab:blue" if nums[f"{k}.headline"] else "tab:orange"
+            if isinstance(m, float) and math.isfinite(m):
+                err = [[m - lo], [hi - m]] if math.isfinite(lo) else None
+                ax.errorbar([m], [i], xerr=err, fmt="o", color=colour, capsize=3)
+        ax.set_yticks(range(len(mine)))
+        ax.set_yticklabels([f"{pretty(label)} vs (B={E}, N=1), n={nums[k + '.n']}: {nums[k + '.verdict']}"
+                            for _, E, label, k in mine], fontsize=8)
+        ax.set_ylim(len(mine) - 0.5, -0.5)
+        ax.set_xlabel(f"paired difference of final {nums[f'{s}.{task}.metric']} (90% CI)")
+        ax.set_title(f"{s} / {task}", fontsize=9)
+        ax.errorbar([], [], xerr=[], fmt="o", color="tab:blue", label="headline arm")
+        ax.errorbar([], [], xerr=[], fmt="o", color="tab:orange", label="other arm")
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def scatter(nums: dict[str, Any], s: str, path: Path) -> Path | None:
+    """One panel per (task, E): per-seed (B, N) final metric against its (E, 1) reference, and the dropout-only
+    floor's runs against theirs, with y = x, the trivial baseline and the reference threshold."""
+    panels = [(task, E) for task in nums[f"{s}.tasks"] for E in nums[f"{s}.{task}.E"]
+              if nums[f"{s}.{task}.e{E}.pairs"] or nums[f"{s}.{task}.e{E}.floors"]]
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels))
+    markers = ["o", "s", "^", "D", "v"]
+    for ax, (task, E) in zip(axes, panels):
+        e = f"{s}.{task}.e{E}"
+        vals: list[float] = []
+        for i, label in enumerate(nums[f"{e}.pairs"]):
+            k = f"{e}.pair.{label}"
+            xs, ys = nums[f"{k}.reference_metrics"], nums[f"{k}.metrics"]
+            vals += xs + ys
+            ax.scatter(xs, ys, marker=markers[i % len(markers)], s=24, zorder=3,
+                       label=f"{pretty(label)} vs (B={E}, N=1), n={len(xs)}")
+        for kind in nums[f"{e}.floors"]:
+            k = f"{e}.floor.{kind}"
+            refs = _floor_refs(nums, e, E, k)
+            ys = [r + d for r, d in zip(refs, nums[f"{k}.diffs"])]
+            vals += refs + ys
+            ax.scatter(refs, ys, marker="x", s=20, color="grey" if kind == "dropout" else None, alpha=0.8,
+                       label=f"floor {kind}: {nums[k + '.arm']} vs {nums[k + '.reference_arm']} (n={len(ys)})")
+        finite = [v for v in vals if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=0.8, label="y = x")
+        base, thr = nums[f"{s}.{task}.baseline"], nums[f"{s}.{task}.threshold"]
+        if isinstance(base, float) and math.isfinite(base):
+            ax.axhline(base, color="tab:red", lw=0.8, ls=":", label=f"trivial baseline {base:.3f}")
+            ax.axvline(base, color="tab:red", lw=0.8, ls=":")
+        if isinstance(thr, float) and math.isfinite(thr):
+            ax.axvline(thr, color="tab:green", lw=0.8, ls="--", label=f"reference threshold {thr:g}")
+        metric = nums[f"{s}.{task}.metric"]
+        ax.set_xlabel(f"(B={E}, N=1) reference's final {metric}")
+        ax.set_ylabel(f"paired run's final {metric}")
+        ax.set_title(f"{s} / {task}, E = {E}", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _floor_refs(nums: dict[str, Any], e: str, E: int, k: str) -> list[float]:
+    """The reference metrics of a floor's pairs (its reference cell's metrics at the floor's seeds)."""
+    ref = f"{e}.cell.{cell_label(nums[k + '.reference_arm'], E, 1)}"
+    by_seed = dict(zip(nums.get(f"{ref}.seeds", []), nums.get(f"{ref}.metrics", [])))
+    return [by_seed.get(sd, math.nan) for sd in nums[f"{k}.seeds"]]
+
+
+def curves(nums: dict[str, Any], s: str, path: Path) -> Path | None:
+    """One panel per (task, E): each cell's dev metric over optimizer steps, mean over its finished seeds."""
+    panels = [(task, E) for task in nums[f"{s}.tasks"] for E in nums[f"{s}.{task}.E"]
+              if any(nums[f"{s}.{task}.e{E}.cell.{c}.curve.steps"] for c in nums[f"{s}.{task}.e{E}.cells"])]
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels))
+    for ax, (task, E) in zip(axes, panels):
+        e = f"{s}.{task}.e{E}"
+        for c in nums[f"{e}.cells"]:
+            k = f"{e}.cell.{c}.curve"
+            if nums[f"{k}.steps"]:
+                ax.plot(nums[f"{k}.steps"], nums[f"{k}.mean"], marker="o", ms=3,
+                        ls="-" if c.split(".")[0] in nums[f"{s}.headline_arms"] else "--",
+                        label=f"{pretty(c)}, n={max(nums[k + '.n'])}")
+        thr = nums[f"{s}.{task}.threshold"]
+        if isinstance(thr, float) and math.isfinite(thr):
+            ax.axhline(thr, color="tab:green", lw=0.8, ls="--", label=f"reference threshold {thr:g}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"dev {nums[f'{s}.{task}.metric']}")
+        ax.set_title(f"{s} / {task}, E = {E}", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ early training
+def plot_task(st: EarlyStudy, task: str, figdir: Path) -> list[Path]:
+    """Gradient-norm trajectories and parameter distance vs step for one task of an early study: two PNGs."""
+    plt = _plt()
+    mine = [r for r in st.run_objects if r.task == task]
+    arms = sorted({r.arm for r in mine}, key=arm_rank)
+    bns = sorted({r.bn for r in mine}, key=lambda bn: -bn[0])
+    colours = {bn: plt.cm.viridis(i / max(1, len(bns) - 1)) for i, bn in enumerate(bns)}
+    fig, axes = plt.subplots(1, len(arms), figsize=(5.2 * len(arms), 3.6), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        for bn in bns:
+            group = [r for r in mine if r.arm == arm and r.bn == bn]
+            for i, r in enumerate(group):
+                ax.plot([x["optimizer_step"] for x in r.steps], [x["grad_norm"] for x in r.steps], color=colours[bn],
+                        alpha=0.8, lw=1.2, label=f"B={bn[0]}, N={bn[1]}" if i == 0 else None)
+        ax.set_title(f"{task}: {arm}")
+        ax.set_xlabel("optimizer_step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("gradient norm (before clipping)")
+    paths = [_save(fig, figdir / f"grad_norm_{st.name}_{task}.png")]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    styles = ["-", "--", ":", "-."]
+    rows = [c for c in st.curves if c["task"] == task]
+    for ai, arm in enumerate(arms):
+        for bn in bns:
+            pts = [c for c in rows if c["arm"] == arm and c["kind"] == "vs_reference"
+                   and (c["micro_batch_size"], c["accumulation_steps"]) == bn]
+            if pts:
+                steps = sorted({c["optimizer_step"] for c in pts})
+                ys = [statistics.fmean(c["rel_param_distance"] for c in pts if c["optimizer_step"] == x) for x in steps]
+                ax.plot(steps, np.maximum(ys, 1e-12), styles[ai % 4], color=colours[bn], marker="o", ms=3,
+                        label=f"{arm} B={bn[0]}, N={bn[1]}")
+        floor = [c for c in rows if c["arm"] == arm and c["kind"] == "seed_floor"]
+        if floor:
+            steps = sorted({c["optimizer_step"] for c in floor})
+            ys = [statistics.fmean(c["rel_param_distance"] for c in floor if c["optimizer_step"] == x) for x in steps]
+            ax.plot(steps, ys, styles[ai % 4], color="grey", lw=2.5, alpha=0.6, label=f"{arm}: seed floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer_step")
+    ax.set_ylabel("||θ − θ_ref|| / ||θ_ref − θ₀||")
+    ax.set_title(f"{st.name} / {task}: parameter distance to the paired reference (mean over seeds)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, figdir / f"param_distance_{st.name}_{task}.png"))
+    return paths
+
+
+def plot_paired_diffs(st: EarlyStudy, figdir: Path) -> Path | None:
+    """Paired final-metric difference to the reference with 95% CI, against ±1 seed std, per task and cell."""
+    plt = _plt()
+    rows = [s for s in st.summaries if s.n_pairs > 0]
+    if not rows:
+        return None
+    tasks = list(dict.fromkeys(s.task for s in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [s for s in rows if s.task == task]
+        arms = list(dict.fromkeys(s.arm for s in mine))
+        colours = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+        for i, s in enumerate(mine):
+            err = [[s.diff_mean - s.diff_lo], [s.diff_hi - s.diff_mean]] if not math.isnan(s.diff_lo) else None
+            ax.errorbar([i], [s.diff_mean], yerr=err, fmt="o", color=colours[s.arm], capsize=3,
+                        label=s.arm if s is next(x for x in mine if x.arm == s.arm) else None)
+            if not math.isnan(s.seed_std):
+                ax.fill_between([i - 0.35, i + 0.35], -s.seed_std, s.seed_std, color="grey", alpha=0.2, lw=0)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(mine)))
+        ax.set_xticklabels([f"B{s.micro_batch_size} N{s.accumulation_steps}" for s in mine], fontsize=7)
+        ax.set_title(f"{st.name} / {task} ({mine[0].metric_name})", fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("paired difference to reference\n(95% CI; grey: ±1 seed std)")
+    return _save(fig, figdir / f"paired_diff_{st.name}.png")

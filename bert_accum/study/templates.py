@@ -1,0 +1,570 @@
+"""Every sentence and table of REPORT.md, filled from the numbers dict (`bert_accum.study.numbers`).
+
+A template is a string whose ``{fields}`` are keys of the numbers dict, relative to a prefix (``{tost.mean}`` under
+the prefix ``converged.sst2.e8.pair.default.B2_N4``), with an optional format: ``{x:range}`` prints a [lo, hi]
+value as one number when both ends print the same (never "0.002–0.002"), ``{x:range3}`` with 3 decimals,
+``{x:p}`` a p-value, ``{x:signed}`` with its sign, ``{x:pct}`` a percentage, ``{x:g}`` the shortest form; lists print comma-separated, NaN and
+None as "—". Which template is used may depend on a number (a verdict, a count), never on text typed here about
+how the runs were made: that all comes from the run folders through the numbers dict.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any
+
+from .plumbing import fmt, header
+
+# ------------------------------------------------------------------------------------------ filling
+
+
+def show(value: Any, spec: str = "") -> str:
+    """One value as the report prints it (see the module docstring for the formats)."""
+    kind = spec.rstrip("0123456789")
+    digits = int(spec[len(kind):]) if spec[len(kind):] else None
+    if kind == "range":
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            lo, hi = show(value[0], str(digits or "")), show(value[1], str(digits or ""))
+            return lo if lo == hi else f"{lo}–{hi}"
+        return show(value, str(digits or ""))
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(show(v, spec) for v in value) if value else "none"
+    if kind == "p" and isinstance(value, (int, float)):
+        return "<0.001" if value < 0.001 else f"{value:.3f}"
+    if kind == "g" and isinstance(value, (int, float)):
+        return f"{value:.{digits or 6}g}"
+    if kind == "pct" and isinstance(value, (int, float)):
+        return f"{100 * value:.{digits if digits is not None else 1}f}%"
+    if kind == "signed" and isinstance(value, (int, float)):
+        text = fmt(float(value), digits or 4)
+        return text if text.startswith("-") or text == "—" else "+" + text
+    if isinstance(value, float):
+        return fmt(value, digits or 4)
+    return str(value)
+
+
+class _Filler(string.Formatter):
+    """str.format over the numbers dict: a whole field name is one key (dots belong to the key)."""
+
+    def __init__(self, nums: dict[str, Any], prefix: str):
+        super().__init__()
+        self.nums, self.prefix = nums, prefix
+
+    def get_field(self, field_name: str, args, kwargs) -> tuple[Any, str]:
+        """The value of `field_name`: an extra keyword, else the key under the prefix, else the key itself."""
+        if field_name in kwargs:
+            return kwargs[field_name], field_name
+        key = f"{self.prefix}.{field_name}" if self.prefix else field_name
+        for k in (key, field_name):
+            if k in self.nums:
+                return self.nums[k], k
+        raise KeyError(f"template field {field_name!r}: the numbers have no {key!r}")
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        """`show` instead of format()."""
+        return show(value, format_spec)
+
+
+def fill(template: str, nums: dict[str, Any], prefix: str = "", **extra: Any) -> str:
+    """`template` with its fields looked up under `prefix` in `nums` (or given in `extra`)."""
+    return _Filler(nums, prefix).format(template, **extra)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ci(nums: dict[str, Any], key: str, lo: str, hi: str, digits: int = 4) -> str:
+    a, b = nums.get(f"{key}.{lo}"), nums.get(f"{key}.{hi}")
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        return "—"
+    return f"[{fmt(float(a), digits)}, {fmt(float(b), digits)}]"
+
+
+def _ratio_ci(nums: dict[str, Any], key: str) -> str:
+    ratio = nums.get(f"{key}.var_ratio")
+    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        return "—"
+    return f"{show(ratio, '3')} {_ci(nums, key, 'var_ratio_low', 'var_ratio_high', 3)}"
+
+
+def _pm(nums: dict[str, Any], key: str, m: str = "mean", s: str = "sd") -> str:
+    mean, sd = nums.get(f"{key}.{m}"), nums.get(f"{key}.{s}")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return show(mean)  # one value has no spread
+    return f"{show(mean)} ± {show(sd)}"
+
+
+def _bn(label: str) -> str:
+    """'default.B2_N4' -> '(2, 4)'."""
+    bn = label.split(".", 1)[1]
+    parts = dict((p[0], p[1:]) for p in bn.split("_"))
+    return f"({parts['B']}, {parts['N']}" + (f", W={parts['W']})" if "W" in parts else ")")
+
+
+def _arm(label: str) -> str:
+    return label.split(".", 1)[0]
+
+
+# ------------------------------------------------------------------------------------------ the sentences
+TITLE = "# Gradient accumulation against one large batch: the study report"
+INTRO = ("Generated by `scripts/report.py`. Every number below is computed from run folders, grid files and probe "
+         "tables, and is stored in `numbers.json` beside this file; nothing about how the runs were made is typed in "
+         "by hand.")
+
+ANSWER_HEAD = "## The answer"
+ANSWER_STATE = {
+    "variance": ("1. **Variance, not bias.** In all {answer.decided} headline comparisons of (B, N) with (E, 1) the paired "
+                 "differences have the spread of the dropout-only floor and a mean indistinguishable from zero: "
+                 "accumulating acts like re-seeding dropout."),
+    "bias": ("1. **A bias in {n_biased} of {answer.decided} headline comparisons** ({biased}): their mean paired "
+             "difference is nonzero; the others behave like a dropout re-seed."),
+    "bias_all": ("1. **A bias in every headline comparison** ({biased}): the mean paired difference is nonzero, "
+                 "unlike a dropout re-seed."),
+    "spread": ("1. **Zero mean, but not the floor's spread.** No headline comparison shows a nonzero mean paired "
+               "difference, but in some the spread differs from the dropout-only floor (see the spread table)."),
+    "undecided": ("1. **Not yet decidable.** Headline pairs finished: {answer.pairs_in} of {answer.pairs_planned} "
+                  "(n = {answer.n_range:range} of {answer.required} per comparison); no verdict is stated below "
+                  "{answer.required} pairs."),
+    "no data": "1. **No converged study in this report**: nothing is said here about final outcomes.",
+}
+ANSWER_SIZE_ABS = "{task}: mean |paired difference| {abs_diff:range} {metric}"
+ANSWER_SIZE_SD = "standard deviation {sd_ratio:range2}× the dropout-only floor's (floor sd {floor_sd:range})"
+ANSWER_SIZE_DIS = "(B, N) and (E, 1) {disagree_what} {disagreement:range}"
+ANSWER_SIZE_DIS_FLOOR = "against {floor_disagreement:range} for two dropout seeds of (E, 1)"
+ANSWER_SIZE_NO_FLOOR = "no dropout-only floor pair finished yet"
+DISAGREE_WHAT = {False: "label this fraction of dev examples differently:",
+                 True: "differ in their dev predictions by an RMS of"}
+ANSWER_SIZE = "2. **How large, against the dropout-only floor?** {parts}."
+ANSWER_SIZE_NONE = "2. **How large, against the dropout-only floor?** Not measured yet: no headline pair has finished."
+ANSWER_EQUIV_NONE = "3. **Equivalence**: no headline comparison in this report."
+ANSWER_EQUIV = ("3. **Equivalence** (TOST, 90% interval inside ±margin): of {answer.n_headline} headline comparisons, "
+                "{answer.equivalent} equivalent, {answer.not_shown} not shown equivalent, {answer.different} "
+                "different, {answer.undecided} not yet decidable.")
+ANSWER_CAUSES = ("4. **Which causes are real biases?** One step (the probe, per table): systematic, a real bias: "
+                 "{systematic}; random, like a new dropout draw: {random}; round-off: {roundoff}.{bugs}")
+ANSWER_CAUSES_NONE = "4. **Which causes are real biases?** No probe tables in this report."
+ANSWER_BUGS = " Loop bugs whose early-training effect excludes 0: {bugs}."
+ANSWER_ACT = {
+    "variance": ("5. **What to do.** Accumulate as usual: at these sizes it costs no more than another dropout seed. "
+                 "To make (B, N) reproduce (E, 1) instead, {exact}"),
+    "bias": "5. **What to do.** Do not swap (B, N) for (E, 1) where a bias is shown; to remove it, {exact}",
+    "spread": "5. **What to do.** Check the spread table before relying on (B, N); to reproduce (E, 1), {exact}",
+    "undecided": "5. **What to do** until the comparisons are decided: to reproduce (E, 1) exactly, {exact}",
+    "no data": "5. **What to do.** To reproduce (E, 1) exactly, {exact}",
+}
+ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: largest |paired difference| "
+                "{answer.exact_max_abs_diff} over {answer.exact_n} pairs).")
+ANSWER_EXACT_NONE = "see the cause sections: no exact arm has finished pairs in this report."
+
+CAUSE_WITH_TABLES = "{cause} ({tables})"
+PAIR_NAME = "{task} {arm} {bn} vs ({E}, 1)"
+NONE = "none"
+CAUSE_NAMES = {"dropout": "dropout RNG", "padding": "dynamic padding",
+               "loss_averaging": "per-token loss averaging (a mean of micro-batch means)",
+               "fp32_order": "fp32 summation order", "bf16": "bf16 autocast"}
+
+SETUP_HEAD = "## How the runs were made"
+SETUP_STUDY = ("Study `{s}` (grid `{grid}`, run folders in `{root}`): {finished} of {planned} planned runs finished, "
+               "{unfinished} started and unfinished, {missing} not started (all names in `numbers.json`, keys "
+               "`{s}.unfinished_names` and `{s}.missing_names`).")
+SETUP_ENV = ("The {setup.started} started runs were made on {setup.devices} at commit(s) {setup.commits} with torch "
+             "{setup.package.torch}, transformers {setup.package.transformers}, accelerate {setup.package.accelerate}, "
+             "Python {setup.python}, {setup.threads} torch thread(s); the {setup.runs} finished ones trained for "
+             "{setup.train_hours:2} h in all.")
+SETUP_TASK = ("- **{task}**: model `{setup.model_name_or_path}` ({setup.model_path}), max_length {setup.max_length:g}, "
+              "learning rate {setup.learning_rate:g} ({setup.lr_scheduler_type}, warmup ratio {setup.warmup_ratio:g}), "
+              "max grad norm {setup.max_grad_norm:g}, weight decay {setup.weight_decay:g}, {setup.precision}; data from "
+              "{setup.glue_dir}, max_train_samples {setup.max_train_samples:g}, max_train_examples "
+              "{setup.max_train_examples:g}, num_train_epochs {setup.num_train_epochs:g}; {setup.dev_examples:g} dev "
+              "examples; headline metric {metric}.")
+SETUP_E = ("  - E = {E}: {setup.train_examples} training examples, {setup.total_optimizer_steps} optimizer steps "
+           "({setup.num_warmup_steps} warmup), {setup.epochs} epoch(s).")
+SETUP_ARM = ("  - arm `{arm}`: started for grid seeds {seeds}; resolved seeds against the grid seed: "
+             "{seed_offsets}.")
+SETUP_NONE = "No converged study in this report."
+SETUP_TASK_NONE = "- **{task}**: no run started yet (settings are read from run folders once they exist)."
+
+CONV_HEAD = "## 1. The converged study `{s}`: final outcomes"
+PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dropout alone {dropout:range3} of the seed "
+                 "floor, the default loop {default:range3}, everything off {controlled:range3}.")
+PROBE_OF_TASK_NONE = "- {task}: no probe table of this task and objective (another task's probe is not used for it)."
+TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
+TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict"]
+TOST_NOTE = ("Paired differences (B, N) − (E, 1) of the final dev metric over runs sharing all three seeds. "
+             "`equivalent`: the 90% interval (two one-sided t tests at 5%) lies inside ±margin (margins from the grid "
+             "file, fixed before the runs); `different`: the 95% interval excludes 0 and equivalence is not shown; "
+             "`not shown equivalent`: neither. Headline comparisons (arm {headline_arms}) get no verdict below "
+             "{min_n} pairs, the others none below their planned number. Table: `study/{s}_tost.csv`.")
+SPREAD_HEAD = "### Variance or bias: against the dropout-only floor"
+SPREAD_COLS = ["task", "E", "arm", "(B, N)", "n", "sd", "floor n", "floor sd", "variance ratio [95% CI]",
+               "Brown–Forsythe p", "t p", "Wilcoxon p", "reading"]
+SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same init and data order. Brown–Forsythe "
+               "(Levene about the median) tests equal spread, the variance ratio's 95% F interval shows its size; the "
+               "one-sample t and Wilcoxon signed-rank tests ask for a zero mean. Same spread and zero mean: the "
+               "drift is a dropout re-seed, variance and not bias. Both samples share the (E, 1) runs, so the tests, "
+               "which treat them as independent, are approximate. Table: `study/{s}_spread.csv`.")
+DISAGREE_HEAD = "### Do paired runs predict the same dev labels?"
+DISAGREE_COLS = ["task", "E", "compared", "measure", "n", "paired runs", "dropout floor", "ratio"]
+DISAGREE_MEASURE = {False: "fraction of dev labels that differ", True: "RMS difference of dev predictions"}
+DISAGREE_NOTE = "From each run's predictions.json of its final evaluation. Table: `study/{s}_disagreement.csv`."
+FLOORS_HEAD = "### Noise floors, measured"
+FLOORS_COLS = ["task", "E", "floor (seeds changed)", "arm vs reference", "n", "mean diff", "sd", "mean abs diff",
+               "disagreement"]
+FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seeds against the (E, 1) reference of the "
+               "same grid seed. Table: `study/{s}_floors.csv`.")
+CELLS_HEAD = "### Runs, failures and the reference bar"
+CELLS_COLS = ["task", "E", "arm", "(B, N)", "planned", "finished", "unfinished seeds", "missing seeds", "diverged",
+              "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold"]
+BASELINE = {
+    "majority": ("- {task}: trivial baseline {baseline} (accuracy of the majority class over the {baseline_labels} dev "
+                 "labels of {baseline_source}); reference threshold {threshold}."),
+    "positive": ("- {task}: trivial baseline {baseline} (F1 of always predicting class 1 over the {baseline_labels} "
+                 "dev labels of {baseline_source}); reference threshold {threshold}."),
+    "constant": "- {task}: trivial baseline {baseline} ({metric} of a constant predictor); reference threshold {threshold}.",
+    "unknown": ("- {task}: trivial baseline unknown (no dev labels readable here: pass --glue_dir); only non-finite "
+                "runs count as failed; reference threshold {threshold}."),
+}
+CELLS_NOTE = ("A run fails when its final metric is not finite or at or below the trivial baseline; failed runs stay "
+              "in every table. Table: `study/{s}_cells.csv`.")
+CURVES_HEAD = "### Learning curves and per-seed outcomes"
+
+MECH_HEAD = "## 2. Why accumulation drifts: the mechanism, cause by cause"
+TOY = ("One weight w = 1, loss −(w·x)² per example, examples x = 4 and x = 2. As one batch, the mean loss has gradient "
+       "mean(−2x²w) = −(32 + 8)/2 = {toy.batch_grad:g}. Accumulated over two micro-batches of one example, each loss "
+       "scaled by 1/N = 1/2: the first backward leaves {toy.accumulated_first:g} in `.grad`, the second adds −4, "
+       "giving {toy.accumulated:g}. SGD with lr 0.01 moves w from 1 to {toy.w_accumulated:g} accumulated and to "
+       "{toy.w_batch:g} as one batch (computed by `bert_accum.study.report.toy_example` with the loop's own loss "
+       "scaling). It is exact because the gradient is linear in the loss and the loss is a sum over examples that "
+       "never interact: splitting the sum and scaling each part by its share of the examples changes only the order "
+       "of additions. BERT fine-tuning breaks each of those premises somewhere: dropout draws masks per micro-batch, "
+       "padding changes tensor shapes, a per-token loss averages over different counts, float additions are not "
+       "associative, and loops get the bookkeeping wrong.")
+ATTR_HEAD = "### Drift attribution at a glance"
+ATTR_COLS = ["cause", "switch that removes it", "probe table", "one step: ratio to seed floor", "one step: rel L2", "kind"]
+ATTR_NOTE = ("One step: the probe's accumulated gradient of (B, N) against the (E, 1) gradient of the same arm, as "
+             "relative L2 and as a ratio to the seed floor (two dropout seeds of (E, 1)), min–max over (B, N); each "
+             "row is read from the probe table of its own task. `systematic`: a deterministic cause more than "
+             "{factor:g}× the fp32 round-off of the everything-off arm; `random`: a cause that redraws dropout masks.")
+PROBE_ITEM = "{table}: {value:range3}"
+CAUSE_TEXT = {
+    "dropout": ("### Dropout RNG\n\nWith standard dropout each micro-batch draws its masks from torch's RNG stream, so "
+                "the same example gets different masks in (B, N) than in (B·N, 1). The `invariant` mode makes a mask a "
+                "pure function of (seed, example, epoch, site, position)."),
+    "padding": ("### Padding\n\nDynamic padding pads each micro-batch to its own longest sequence, so (B, N) runs other "
+                "tensor shapes and another floating-point path than (B·N, 1); with the attention mask honoured, padded "
+                "positions contribute exact zeros."),
+    "loss_averaging": ("### Per-token loss averaging\n\nWith a per-token loss (masked-LM), `mean_of_means` averages each "
+                       "micro-batch's token mean with weight 1/N although micro-batches hold different numbers of "
+                       "predicted tokens; `global` divides the window's summed token loss by the window's token count. "
+                       "For classification both are the same (one item per example)."),
+    "fp32_order": "### Precision and floating-point order",
+    "bf16": "",
+}
+CAUSE_PROBE = {
+    "dropout": ("- One step, standard dropout with every other cause off: {ratio} of the seed floor; everything off: "
+                "{controlled}."),
+    "padding": ("- One step, dynamic instead of window padding with everything else off: {ratio} of the seed floor, "
+                "relative L2 {rel}."),
+    "loss_averaging": "- One step, mean_of_means with everything else off: {ratio} of the seed floor, relative L2 {rel}.",
+    "fp32_order": ("- fp32 with every cause off (one step): relative L2 {rel}; the same in float64: {fp64}: the fp32 "
+                   "difference is summation order, nothing else."),
+    "bf16": "- bf16 autocast (one step): relative L2 {rel}.",
+}
+CAUSE_NOT_PROBED = "- One step: {what} not probed in this report."
+EARLY_ARM_TEXT = ("- Early training, arm `{arm}`: final relative parameter distance to (E, 1) {dist} (seed floor "
+                  "{floor}; after the first step that moved the weights {first_dist}); mean |paired metric difference| "
+                  "{absdiff}.")
+BUGS_HEAD = "### Known loop bugs (early training, against the correct loop at the same (B, N) and seeds)"
+BUGS_COLS = ["bug", "task", "B", "N", "n", "optimizer steps", "correct loop steps", "last LR", "correct last LR",
+             "paired diff", "95% CI", "seed std", "param dist"]
+BUGS_NOTE = ("`param dist`: final parameter distance to the correct run of the same seed, relative to the correct "
+             "run's total movement. `optimizer steps` and `last LR` show what each bug changes in the schedule.")
+BATCHNORM = ("### BatchNorm (accumulation is exact only without batch statistics)\n\n{batchnorm.excerpt} (from "
+             "`{batchnorm.path}`.) BERT uses LayerNorm, which normalises each token by itself, so this cause does "
+             "not apply to it.")
+MULTIPROCESS = ("### Multi-process reduction\n\nWith W processes DDP averages gradients over ranks; the loop scales "
+                "each rank's loss by W and all-reduces the item count for `global` normalisation, so (W=2, B=2, N=2) "
+                "gives the (W=1, B=8, N=1) gradient to round-off (`tests/test_distributed.py`); see "
+                "`docs/distributed.md`.")
+
+EARLY_HEAD = "## 3. Early training (first {steps:range} optimizer steps)"
+EARLY_INTRO = ("These runs stop after {steps:range} optimizer steps, long before convergence: they show the mechanism "
+               "in the first steps (how far and how fast (B, N) moves away from (E, 1)), not final outcomes, which "
+               "section 1 judges.")
+EARLY_STUDY = ("### Study `{name}`\n\nFrom {source}: {runs} runs, tasks {tasks}, arms {arms}, seeds {seeds}, on "
+               "{devices}; {train_hours:2} h of training.")
+EARLY_SETUP = ("Model `{setup.model_name_or_path}`, max_length {setup.max_length:g}, learning rate "
+               "{setup.learning_rate:g}, warmup ratio {setup.warmup_ratio:g}, {setup.train_examples:g} training examples "
+               "({setup.epochs:g} epoch(s)), effective batch {setup.effective_batch_size:g}.")
+EARLY_COLS = ["task", "arm", "B", "N", "metric", "n", "mean ± std", "paired diff", "95% CI", "seed std",
+              "CI excludes 0", "param dist", "vs"]
+EARLY_VERDICT = ("After {steps:range} optimizer steps {n_excl} of {paired} paired (B, N) cells in `{name}` have a 95% "
+                 "interval of the paired difference that excludes 0 (n = {n_pairs:range} seeds per cell){which}. An "
+                 "early difference describes the first steps' trajectory, not the trained model.")
+EARLY_NOTE = ("Columns: `mean ± std` over seeds; `paired diff` and its 95% Student-t interval over the paired seeds; "
+              "`seed std` = standard deviation of the reference's metric over seeds; `param dist` = final relative "
+              "parameter distance to the reference.")
+EARLY_NONE = "No early-training study in this report."
+FIGURE = "![{caption}]({path})"
+FIGURE_CAPTIONS = {
+    "attribution": "Drift attribution: each cause's one-step effect as a ratio to the seed floor",
+    "forest": "TOST forest plot: paired differences with 90% intervals against the margins",
+    "scatter": "Per-seed final metrics: (B, N) against (E, 1)",
+    "curves": "Learning curves: dev metric over optimizer steps, mean over finished seeds",
+}
+
+
+# ------------------------------------------------------------------------------------------ sections
+SECTION_SOURCE = "*This section is `{path}`, written by its own script ({provenance}).*"
+
+
+def render(nums: dict[str, Any], figures: dict[str, str], sections: list[tuple[str, str, str]] = ()) -> str:
+    """REPORT.md: the answer, how the runs were made, the converged study, the sections of other study scripts
+    ((path, provenance, body) each, shown with their source), the mechanism, early training."""
+    parts = [header(nums["provenance"], markdown=True), "", TITLE, "", INTRO, ""]
+    for section in (_answer, _setup, _converged):
+        parts += section(nums, figures)
+    for path, prov, body in sections:
+        parts += [body, "", fill(SECTION_SOURCE, {}, path=path, provenance=prov), ""]
+    for section in (_mechanism, _early):
+        parts += section(nums, figures)
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    state = nums["answer.state"]
+    line1 = "bias_all" if state == "bias" and len(nums["answer.biased"]) == nums["answer.decided"] else state
+    L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, n_biased=len(nums["answer.biased"]),
+                               biased=", ".join(_pair_name(nums, k) for k in nums["answer.biased"]))]
+    sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
+    L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
+    L.append(fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE)
+    if nums["probe.tables"]:
+        def names(ids: list[str]) -> str:
+            """Each cause with the probe tables that show it so."""
+            return ", ".join(fill(CAUSE_WITH_TABLES, nums, f"cause.{c}", cause=CAUSE_NAMES[c], tables=(
+                nums[f"cause.{c}.systematic_in"] or nums[f"cause.{c}.random_in"] or nums[f"cause.{c}.roundoff_in"]))
+                for c in ids) or NONE
+
+        bugs = fill(ANSWER_BUGS, nums, bugs=", ".join(nums["answer.bugs"])) if nums["answer.bugs"] else ""
+        L.append(fill(ANSWER_CAUSES, nums, systematic=names(nums["answer.systematic"]), random=names(nums["answer.random"]),
+                      roundoff=names(nums["answer.roundoff"]), bugs=bugs))
+    else:
+        L.append(ANSWER_CAUSES_NONE)
+    exact = (fill(ANSWER_EXACT, nums, switches=" ".join(nums["answer.exact_switches"])) if nums["answer.exact_arm"]
+             else ANSWER_EXACT_NONE)
+    L += [fill(ANSWER_ACT[state], nums, exact=exact), ""]
+    return L
+
+
+def _size(nums: dict[str, Any], task: str) -> str:
+    """Line 2 for one task: the parts whose numbers exist yet."""
+    p = f"answer.{task}"
+    parts = [fill(ANSWER_SIZE_ABS, nums, p, task=task)]
+    if nums[f"{p}.sd_ratio"] is not None:
+        parts.append(fill(ANSWER_SIZE_SD, nums, p))
+    if nums[f"{p}.disagreement"] is not None:
+        parts.append(fill(ANSWER_SIZE_DIS, nums, p, disagree_what=DISAGREE_WHAT[bool(nums[f"{p}.regression"])]))
+        if nums[f"{p}.floor_disagreement"] is not None:
+            parts[-1] += " " + fill(ANSWER_SIZE_DIS_FLOOR, nums, p)
+    if nums[f"{p}.floor_sd"] is None and nums[f"{p}.floor_disagreement"] is None:
+        parts.append(ANSWER_SIZE_NO_FLOOR)
+    return ", ".join(parts)
+
+
+def _pair_name(nums: dict[str, Any], key: str) -> str:
+    label = key.split(".pair.", 1)[1]
+    return fill(PAIR_NAME, nums, key, arm=_arm(label), bn=_bn(label))
+
+
+def _setup(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    L = [SETUP_HEAD, ""]
+    if not nums["studies.converged"]:
+        return L + [SETUP_NONE, ""]
+    for s in nums["studies.converged"]:
+        L += [fill(SETUP_STUDY, nums, s, s=s), "", fill(SETUP_ENV, nums, s), ""]
+        for task in nums[f"{s}.tasks"]:
+            if nums[f"{s}.{task}.setup.model_name_or_path"] is None:
+                L.append(fill(SETUP_TASK_NONE, nums, task=task))
+                continue
+            L.append(fill(SETUP_TASK, nums, f"{s}.{task}", task=task))
+            L += [fill(SETUP_E, nums, f"{s}.{task}.e{E}", E=E) for E in nums[f"{s}.{task}.E"]
+                  if nums[f"{s}.{task}.e{E}.setup.total_optimizer_steps"] is not None]
+            L += [fill(SETUP_ARM, nums, f"{s}.{task}.setup.arm.{arm}", arm=arm) for arm in nums[f"{s}.{task}.setup.arms"]]
+        L.append("")
+    return L
+
+
+def _each(nums: dict[str, Any], s: str, what: str) -> list[tuple[str, int, str, str]]:
+    """(task, E, label, key) for every pair / floor / cell of study `s`."""
+    out = []
+    for task in nums[f"{s}.tasks"]:
+        for E in nums[f"{s}.{task}.E"]:
+            e = f"{s}.{task}.e{E}"
+            for label in nums[f"{e}.{what}s"]:
+                out.append((task, E, label, f"{e}.{what}.{label}"))
+    return out
+
+
+def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    L: list[str] = []
+    for s in nums["studies.converged"]:
+        L += [fill(CONV_HEAD, nums, s=s), ""]
+        for task in nums[f"{s}.tasks"]:
+            tables = nums[f"{s}.{task}.probe_tables"]
+            L += [fill(PROBE_OF_TASK, nums, task=task, table=t, dropout=nums.get(f"probe.{t}.controlled_dropout_standard.ratio"),
+                       default=nums.get(f"probe.{t}.default.ratio"), controlled=nums.get(f"probe.{t}.controlled.ratio"))
+                  for t in tables] or [fill(PROBE_OF_TASK_NONE, nums, task=task)]
+        L += ["", TOST_HEAD, ""]
+        rows = [[task, str(E), _arm(label), f"{_bn(label)} vs ({E}, 1)", f"{nums[k + '.n']} of {nums[k + '.required']}",
+                 show(nums[k + ".tost.mean"], "signed"), _ci(nums, k, "tost.ci90_low", "tost.ci90_high"),
+                 _ci(nums, k, "tost.ci95_low", "tost.ci95_high"), f"±{show(nums[k + '.tost.margin'])}", nums[k + ".verdict"]]
+                for task, E, label, k in _each(nums, s, "pair")]
+        L += [table(TOST_COLS, rows), "", _figure(figures, f"forest_{s}", "forest"),
+              fill(TOST_NOTE, nums, s=s, headline_arms=", ".join(nums[f"{s}.headline_arms"]), min_n=_min_n()), ""]
+        L += [SPREAD_HEAD, ""]
+        rows = [[task, str(E), _arm(label), _bn(label), str(nums[k + ".spread.n"]), show(nums[k + ".spread.sd"]),
+                 str(nums[k + ".spread.n_floor"]), show(nums[k + ".spread.floor_sd"]),
+                 _ratio_ci(nums, k + ".spread"),
+                 show(nums[k + ".spread.brown_forsythe_p"], "p"), show(nums[k + ".spread.t_p"], "p"),
+                 show(nums[k + ".spread.wilcoxon_p"], "p"), nums[k + ".spread.reading"]]
+                for task, E, label, k in _each(nums, s, "pair")]
+        L += [table(SPREAD_COLS, rows), "", fill(SPREAD_NOTE, nums, s=s), ""]
+        L += [DISAGREE_HEAD, ""]
+        rows = [[task, str(E), f"{_arm(label)} {_bn(label)} vs ({E}, 1)",
+                 DISAGREE_MEASURE[bool(nums[f"{s}.{task}.regression"])], str(nums[k + ".disagreement.n"]),
+                 _pm(nums, k + ".disagreement"), show(nums[k + ".disagreement.floor_mean"]),
+                 show(nums[k + ".disagreement.ratio"], "2")] for task, E, label, k in _each(nums, s, "pair")]
+        L += [table(DISAGREE_COLS, rows), "", fill(DISAGREE_NOTE, nums, s=s), ""]
+        L += [FLOORS_HEAD, ""]
+        rows = [[task, str(E), f"{kind} ({show(nums[k + '.varied'])})", f"{nums[k + '.arm']} vs {nums[k + '.reference_arm']}",
+                 f"{nums[k + '.n']} of {nums[k + '.planned']}", show(nums[k + ".mean"], "signed"), show(nums[k + ".sd"]),
+                 show(nums[k + ".abs_mean"]), _pm(nums, k + ".disagreement")]
+                for task, E, kind, k in _each(nums, s, "floor")]
+        L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s), ""]
+        L += [CELLS_HEAD, ""]
+        rows = []
+        for task, E, label, k in _each(nums, s, "cell"):
+            cleared = (f"{nums[k + '.cleared']} of {nums[k + '.finished']}" if nums[k + ".reference"] and nums[k + ".finished"]
+                       else "—")
+            rows.append([task, str(E), _arm(label), _bn(label), str(nums[k + ".planned"]), str(nums[k + ".finished"]),
+                         show(nums[k + ".unfinished_seeds"]), show(nums[k + ".missing_seeds"]), str(nums[k + ".diverged"]),
+                         str(nums[k + ".failed"]), show(nums[k + ".failure_rate"], "pct"), _pm(nums, k), cleared])
+        L += [table(CELLS_COLS, rows), ""]
+        L += [fill(BASELINE[nums[f"{s}.{t}.baseline_rule"]], nums, f"{s}.{t}", task=t) for t in nums[f"{s}.tasks"]]
+        L += ["", fill(CELLS_NOTE, nums, s=s), "", CURVES_HEAD, ""]
+        L += [_figure(figures, f"curves_{s}", "curves"), _figure(figures, f"scatter_{s}", "scatter")]
+    return L
+
+
+def _min_n() -> int:
+    from .numbers import HEADLINE_MIN_N
+
+    return HEADLINE_MIN_N
+
+
+def _figure(figures: dict[str, str], name: str, caption: str) -> str:
+    return fill(FIGURE, {}, caption=FIGURE_CAPTIONS[caption], path=figures[name]) + "\n" if name in figures else ""
+
+
+def _probe_values(nums: dict[str, Any], arm: str, col: str) -> str:
+    items = [fill(PROBE_ITEM, nums, table=t, value=nums[f"probe.{t}.{arm}.{col}"]) for t in nums["probe.tables"]
+             if f"probe.{t}.{arm}.{col}" in nums]
+    return "; ".join(items) or "not probed"
+
+
+def _mechanism(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    from .numbers import ROUND_OFF_FACTOR
+
+    L = [MECH_HEAD, "", fill(TOY, nums), ""]
+    if nums["probe.tables"]:
+        rows = []
+        for c in nums["cause.ids"]:
+            arm = nums[f"cause.{c}.probe_arm"]
+            for t in nums["probe.tables"]:
+                if f"probe.{t}.{arm}.ratio" in nums:
+                    rows.append([CAUSE_NAMES[c], f"`{nums[f'cause.{c}.switch']}`", t, show(nums[f"probe.{t}.{arm}.ratio"], "range3"),
+                                 show(nums[f"probe.{t}.{arm}.rel_l2"], "range3"), nums[f"probe.{t}.{arm}.kind"]])
+        L += [ATTR_HEAD, "", table(ATTR_COLS, rows), "", _figure(figures, "attribution", "attribution"),
+              fill(ATTR_NOTE, nums, factor=ROUND_OFF_FACTOR), ""]
+    for c in nums["cause.ids"]:
+        arm = nums[f"cause.{c}.probe_arm"]
+        if CAUSE_TEXT[c]:
+            L += [CAUSE_TEXT[c], ""]
+        if any(f"probe.{t}.{arm}.ratio" in nums for t in nums["probe.tables"]):
+            L.append(fill(CAUSE_PROBE[c], nums, ratio=_probe_values(nums, arm, "ratio"), rel=_probe_values(nums, arm, "rel_l2"),
+                          controlled=_probe_values(nums, "controlled", "ratio"),
+                          fp64=_probe_values(nums, "controlled_fp64", "rel_l2")))
+        else:
+            L.append(fill(CAUSE_NOT_PROBED, nums, what=CAUSE_NAMES[c]))
+        # Early-training arms: the masked-LM ones measure the loss averaging, the others the dropout masks.
+        arms = [a for a in nums["early.arms"] if (c == "loss_averaging") == a.startswith("mlm_")]
+        if c in ("dropout", "loss_averaging"):
+            L += [fill(EARLY_ARM_TEXT, nums, f"early.arm.{a}", arm=a) for a in arms]
+        L.append("")
+    if nums["early.bugs"]:
+        rows = [[nums[k + ".arm"][4:], nums[k + ".task"], str(nums[k + ".B"]), str(nums[k + ".N"]), str(nums[k + ".n_pairs"]),
+                 show(nums[k + ".optimizer_steps"]), show(nums[k + ".reference_steps"]),
+                 show(nums[k + ".last_learning_rate"], ""), show(nums[k + ".reference_last_learning_rate"]),
+                 show(nums[k + ".diff_mean"]), _ci(nums, k, "diff_lo", "diff_hi"), show(nums[k + ".seed_std"]),
+                 show(nums[k + ".rel_param_distance"])] for k in nums["early.bugs"]]
+        L += [BUGS_HEAD, "", table(BUGS_COLS, rows), "", BUGS_NOTE, ""]
+    if nums.get("batchnorm.path"):
+        L += [fill(BATCHNORM, nums), ""]
+    L += [MULTIPROCESS, ""]
+    return L
+
+
+def _early(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    studies = nums["studies.early"]
+    if not studies:
+        return [EARLY_NONE, ""]
+    from .numbers import span
+
+    steps = span(x for s in studies for x in (nums[f"early.{s}.steps"] or []))
+    L = [fill(EARLY_HEAD, nums, steps=steps), "", fill(EARLY_INTRO, nums, steps=steps), ""]
+    for s in studies:
+        p = f"early.{s}"
+        L += [fill(EARLY_STUDY, nums, p, name=s), ""]
+        if f"{p}.setup.model_name_or_path" in nums:
+            L += [fill(EARLY_SETUP, nums, p), ""]
+        for name in (f"paired_diff_{s}",):
+            if name in figures:
+                L.append(fill(FIGURE, {}, caption="paired differences", path=figures[name]) + "\n")
+        rows = []
+        for label in nums[f"{p}.cells"]:
+            k = f"{p}.cell.{label}"
+            n = f"{nums[k + '.n']} ({nums[k + '.non_finite']} diverged)" if nums[k + ".non_finite"] else str(nums[k + ".n"])
+            paired = nums[k + ".n_pairs"] > 1
+            dist = (f"{show(nums[k + '.rel_param_distance'])} ± {show(nums[k + '.rel_param_distance_std'])}"
+                    if _finite(nums[k + ".rel_param_distance"]) else "—")
+            rows.append([nums[k + ".task"], nums[k + ".arm"], str(nums[k + ".B"]), str(nums[k + ".N"]), nums[k + ".metric"], n,
+                         _pm(nums, k, "mean", "std"), show(nums[k + ".diff_mean"]), _ci(nums, k, "diff_lo", "diff_hi"),
+                         show(nums[k + ".seed_std"]), show(nums[k + ".ci_excludes_zero"]) if paired else "—", dist,
+                         nums[k + ".reference"] or "—"])
+        L += [table(EARLY_COLS, rows), ""]
+        if nums[f"{p}.paired"]:
+            which = nums[f"{p}.excluding_zero"]
+            L += [fill(EARLY_VERDICT, nums, p, name=s, n_excl=len(which),
+                       which=(": " + ", ".join(which)) if which else ""), ""]
+        for kind, caption in (("grad_norm", "gradient norm"), ("param_distance", "parameter distance")):
+            L += [fill(FIGURE, {}, caption=f"{caption}, {s} / {task}", path=figures[f"{kind}_{s}_{task}"]) + "\n"
+                  for task in nums[f"{p}.tasks"] if f"{kind}_{s}_{task}" in figures]
+    L += [EARLY_NOTE, ""]
+    return L
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
