@@ -196,6 +196,9 @@ def parse_report(argv: list[str] | None = None, prog: str | None = None):
     p.add_argument("--early_csv", default=None,
                    help="folder of committed early-training tables (summary.csv, runs.csv, param_distance.csv), "
                         "e.g. results/study, for studies whose run folders are absent")
+    p.add_argument("--section", action="append", default=[], metavar="FILE.md",
+                   help="a Markdown section written by another study script (e.g. results/trainer/trainer.md, headed by "
+                        "its command and commit), included after the converged study; repeatable")
     p.add_argument("--probe_dir", default="results/probe", help="folder of probe tables (<name>/probe.csv); '' for none")
     p.add_argument("--batchnorm_dir", default="results/batchnorm", help="folder of the BatchNorm study; '' for none")
     p.add_argument("--glue_dir", default=None,
@@ -205,7 +208,7 @@ def parse_report(argv: list[str] | None = None, prog: str | None = None):
     a = p.parse_args(argv)
     return ReportInputs(runs_dirs=a.runs_dirs, probe_dir=a.probe_dir or None, batchnorm_dir=a.batchnorm_dir or None,
                         output_dir=a.output_dir, grids=[str(find_grid_file(g)) for g in a.grid], early_csv=a.early_csv,
-                        glue_dir=a.glue_dir)
+                        glue_dir=a.glue_dir, sections=a.section)
 
 
 def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
