@@ -22,11 +22,18 @@ def guarded(fn: Callable[[], object]) -> int:
 
 
 def finetune_main(argv: list[str] | None = None) -> int:
-    """`scripts/finetune.py`: parse flags into a TrainConfig and run it."""
+    """`scripts/finetune.py`: parse flags into a TrainConfig and run it with its --backend."""
     from .core.config import parse_args
-    from .core.train import run
 
-    return guarded(lambda: run(parse_args(argv)))
+    def main() -> None:
+        cfg = parse_args(argv)
+        if cfg.backend == "bert_accum":
+            from .core.train import run
+        else:  # the HF Trainer backends (imported only when asked for) write the same run folder
+            from .integrations.backend import run_trainer as run
+        run(cfg)
+
+    return guarded(main)
 
 
 if __name__ == "__main__":
