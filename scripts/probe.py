@@ -2,15 +2,15 @@
 
     python scripts/probe.py --task_name rte --glue_dir /path/to/glue
 
-Writes probe.csv and probe.md (and probe_steps.csv with --steps) to --output_dir (default
-results/probe/<task>) and prints the table. The logic lives in bert_accum.study.probe.
+Writes probe.csv and probe.md (and probe_steps.csv with --steps; probe_trainer.csv and probe_trainer.md with
+--trainer_arms) to --output_dir (default results/probe/<task>) and prints the table. The logic lives in bert_accum.study.probe.
 """
 
 import argparse
 import sys
 
 from bert_accum.cli import guarded
-from bert_accum.study.probe import ARMS, ProbeConfig, run_probe
+from bert_accum.study.probe import ARMS, TRAINER_ARMS, ProbeConfig, run_probe
 
 
 def parse(argv=None) -> ProbeConfig:
@@ -29,6 +29,10 @@ def parse(argv=None) -> ProbeConfig:
     p.add_argument("--arms", nargs="+", metavar="ARM",
                    help="switch settings to probe (default: all, without controlled_bf16 on a CPU that has no bf16 "
                         "matrix instructions): " + ", ".join(ARMS))
+    p.add_argument("--trainer_arms", nargs="*", metavar="ARM",
+                   help="also probe the Hugging Face Trainer (probe_trainer.csv / .md): the stock Trainer and "
+                        "ExactAccumulationTrainer beside the project's loop, with the gradient-norm ratio; no ARM "
+                        "given = all of " + ", ".join(TRAINER_ARMS) + ". Without --arms only these run")
     p.add_argument("--objective", choices=["classification", "mlm"], default="classification")
     p.add_argument("--mlm_probability", type=float, default=0.15, help="masked fraction for --objective mlm")
     p.add_argument("--seed", type=int, default=42, help="head init, data order, dropout and MLM masks (default 42)")
