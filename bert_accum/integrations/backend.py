@@ -201,7 +201,7 @@ def _check(cfg: TrainConfig) -> None:
 def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
     """Train `cfg` with the Trainer named by ``cfg.backend``; returns what final_metrics.json holds."""
     import os
-    from pathlib import Path
+    import tempfile
 
     from torch.utils.data import DataLoader
     from transformers import Trainer, TrainingArguments
@@ -242,8 +242,10 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
     # Its own generator, so the DataLoader's per-epoch seed draw leaves torch's global (dropout) stream alone.
     loader = DataLoader(_Indices(len(s.train)), batch_sampler=sampler, collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.resolved_data_seed))
+    # The Trainer creates its output_dir; it saves nothing there (save_strategy="no"), so it stays out of the run folder.
+    scratch = tempfile.TemporaryDirectory(prefix="bert_accum_trainer_")
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=s.micro_batch_size,
+        output_dir=scratch.name, per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.accumulation_steps, max_steps=s.steps.total, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, adam_epsilon=cfg.adam_epsilon, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=s.steps.warmup, max_grad_norm=0.0, optim=cfg.optim, seed=cfg.seed,
@@ -272,6 +274,7 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
         trainer.train()
     finally:
         recorder.close()
+        scratch.cleanup()
     if callback.optimizer_step != s.steps.total:
         raise BertAccumError(f"the Trainer took {callback.optimizer_step} optimizer steps, the plan has {s.steps.total}")
     seconds = max(callback.train_seconds, 1e-9)
