@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,19 @@ import torch
 from bert_accum.cli import finetune_main
 from bert_accum.core.records import read_jsonl
 
-ROOT = Path(tempfile.mkdtemp(prefix="trainer_backend_")) / "runs"
 BACKENDS = ("bert_accum", "trainer", "exact_trainer")
 
 
 @pytest.fixture(scope="module")
-def train(tiny_model_dir, synthetic_glue_dir):
-    """train(backend, B, N, dropout, steps, label) -> the run folder (trained once per argument tuple)."""
+def train(tiny_model_dir, synthetic_glue_dir, tmp_path_factory):
+    """train(backend, B, N, dropout, steps, label) -> the run folder (trained once per argument tuple);
+    `train.root` is the folder holding them all."""
+    root = tmp_path_factory.mktemp("trainer_backend") / "runs"
 
     @functools.lru_cache(maxsize=None)
     def run(backend: str, b: int, n: int, dropout: str = "off", steps: int = 3, label: str = "",
             extra: tuple[str, ...] = ()) -> Path:
-        out = ROOT / (label or f"{backend}-{dropout}") / f"B{b}_N{n}" / "seed1"
+        out = root / (label or f"{backend}-{dropout}") / f"B{b}_N{n}" / "seed1"
         argv = ["--task_name", "synthetic", "--glue_dir", synthetic_glue_dir, "--model_name_or_path", tiny_model_dir,
                 "--max_length", "32", "--per_device_train_batch_size", str(b), "--gradient_accumulation_steps",
                 str(n), "--max_train_steps", str(steps), "--seed", "1", "--dropout", dropout, "--learning_rate",
@@ -38,6 +38,7 @@ def train(tiny_model_dir, synthetic_glue_dir):
         assert finetune_main(argv) == 0
         return out
 
+    run.root = root
     return run
 
 
@@ -72,7 +73,7 @@ def test_three_backends_write_run_folders_the_report_reads(train):
 
         assert env["trainer"]["transformers"] == transformers.__version__
         assert env["trainer"]["backend"] == backend
-    runs = load_runs([ROOT])
+    runs = load_runs([train.root])
     arms = {(r.arm, r.micro_batch_size, r.accumulation_steps) for r in runs}
     assert {(f"{be}-off", 2, 4) for be in BACKENDS} <= arms
 
