@@ -332,7 +332,10 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
             f"(2,4) at {e['mean_diff']:+.4f} ([{e['ci95_lo']:+.4f}, {e['ci95_hi']:+.4f}], n = {e['n']}: "
             f"{_verdict(e)}). Fraction of steps clipped at max_grad_norm: stock (2,4) "
             f"{clip.get((optim, 'trainer', 2, 4), math.nan):.3f}, exact (2,4) "
-            f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) {clip.get((optim, 'trainer', 8, 1), math.nan):.3f}.")
+            f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) {clip.get((optim, 'trainer', 8, 1), math.nan):.3f}; "
+            "a step clipped in both runs has the same norm whatever the factor, so the stock Trainer's N-times "
+            "gradient can change the update only on the other "
+            f"{1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps.")
         check = by.get(COMPARISONS[3][0])
         if check is not None:
             lines.append(f"  N = 1 check (seed {' '.join(str(r.seed) for r in runs if r.optim == optim and r.key == ('exact_trainer', 8, 1))}): "
