@@ -96,6 +96,6 @@ def test_markdown_section_and_figure(study):
     assert "stock transformers.Trainer" in md and "ExactAccumulationTrainer" in md
     sgd = md.split("- plain SGD: ")[1]
     assert sgd.startswith("the stock Trainer's (2,4) ends at -0.0500") and "the 95% interval excludes 0" in sgd
-    assert "+0.0000 ([" in sgd and "the 95% interval includes 0" in sgd
+    assert "trainer's (2,4) at +0.0000 [" in sgd and "the 95% interval includes 0" in sgd
     assert "N = 1 check (seed 1): exact (8,1) - stock (8,1) = +0.0000" in sgd
     assert study["figure"].stat().st_size > 10_000
