@@ -19,23 +19,28 @@ ACCURACY = {
     ("adamw_torch", "trainer", 8, 1): {1: 0.85, 2: 0.86},
     ("adamw_torch", "trainer", 2, 4): {1: 0.85, 2: 0.87},
     ("adamw_torch", "exact_trainer", 2, 4): {1: 0.84, 2: 0.86},
+    ("sgd_noclip", "trainer", 8, 1): {1: 0.80, 2: 0.81},
+    ("sgd_noclip", "trainer", 2, 4): {1: 0.60, 2: 0.62},
+    ("sgd_noclip", "exact_trainer", 2, 4): {1: 0.80, 2: 0.80},
 }
 
 
 def _write(root: Path, optim: str, backend: str, b: int, n: int, seed: int, acc: float) -> None:
-    d = root / "sst2" / f"{backend}_{optim}" / f"B{b}_N{n}" / f"seed{seed}"
-    d.mkdir(parents=True)
     factor = n if backend == "trainer" else 1.0
+    clip = 0.0 if optim.endswith("_noclip") else 1.0
+    optim = optim.removesuffix("_noclip")
+    d = root / "sst2" / f"{backend}_{optim}_{clip}" / f"B{b}_N{n}" / f"seed{seed}"
+    d.mkdir(parents=True)
     derived = {"task": "sst2", "micro_batch_size": b, "accumulation_steps": n, "num_processes": 1,
                "effective_batch_size": b * n, "total_optimizer_steps": 4}
     (d / "config.json").write_text(json.dumps({
         "task_name": "sst2", "seed": seed, "backend": backend, "optim": optim, "learning_rate": 0.1,
         "max_train_samples": 32, "max_length": 128, "warmup_ratio": 0.1, "lr_scheduler_type": "linear",
-        "max_grad_norm": 1.0, "derived": derived}))
+        "max_grad_norm": clip, "derived": derived}))
     (d / "environment.json").write_text(json.dumps({"packages": {"transformers": "5.x", "torch": "2.x"},
                                                     "trainer": {"transformers": "5.x"}, "device": "cpu"}))
     steps = [{"optimizer_step": k + 1, "loss": 0.5 * factor, "window_mean_loss": 0.5, "grad_norm": 0.8 * factor,
-              "clipped": 0.8 * factor > 1.0} for k in range(4)]
+              "clipped": bool(clip) and 0.8 * factor > clip} for k in range(4)]
     (d / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     wrong = round((1 - acc) * 100)
     (d / "predictions.json").write_text(json.dumps({"splits": {"validation": [0] * wrong + [1] * (100 - wrong)}}))
@@ -85,6 +90,8 @@ def test_final_table_clipping_and_factor(study):
     assert float(stock["fraction_clipped"]) == 1.0 and float(stock["loss_factor_first_window"]) == 4.0
     assert float(rows[("sgd", "trainer", "8", "1")]["fraction_clipped"]) == 0.0
     assert float(stock["accuracy_mean"]) == pytest.approx(0.76)
+    assert float(rows[("sgd_noclip", "trainer", "2", "4")]["fraction_clipped"]) == 0.0
+    assert float(rows[("sgd_noclip", "trainer", "2", "4")]["max_grad_norm"]) == 0.0
     norms = _csv(study["norms"])
     assert {r["optimizer_step"] for r in norms} == {"1", "2", "3", "4"}
 
@@ -98,4 +105,6 @@ def test_markdown_section_and_figure(study):
     assert sgd.startswith("the stock Trainer's (2,4) ends at -0.0500") and "the 95% interval excludes 0" in sgd
     assert "trainer's (2,4) at +0.0000 [" in sgd and "the 95% interval includes 0" in sgd
     assert "N = 1 check (seed 1): exact (8,1) - stock (8,1) = +0.0000" in sgd
+    noclip = md.split("- plain SGD, no clipping: ")[1]
+    assert noclip.startswith("the stock Trainer's (2,4) ends at -0.1950 [") and "Without clipping" in noclip
     assert study["figure"].stat().st_size > 10_000

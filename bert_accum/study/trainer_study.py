@@ -33,7 +33,9 @@ from .plumbing import fmt, header, mean_std, provenance, t_interval, write_csv
 
 BACKEND_NAMES = {"trainer": "stock transformers.Trainer", "exact_trainer": "ExactAccumulationTrainer",
                  "bert_accum": "bert_accum loop"}
-OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "sgd": "plain SGD"}
+OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "sgd": "plain SGD", "adamw_torch_noclip": "AdamW, no clipping",
+                   "sgd_noclip": "plain SGD, no clipping"}
+"""Names of the settings: the optimizer, with ``_noclip`` where the runs do not clip (max_grad_norm 0)."""
 REFERENCE = ("trainer", 8, 1)
 """The shared (8,1) reference: the stock Trainer's run (identical to the exact trainer's at N = 1)."""
 COMPARISONS = (
@@ -43,7 +45,7 @@ COMPARISONS = (
     ("exact (2,4) - stock (2,4)", ("exact_trainer", 2, 4), ("trainer", 2, 4)),
     ("N=1 check: exact (8,1) - stock (8,1)", ("exact_trainer", 8, 1), ("trainer", 8, 1)),
 )
-FINAL_COLUMNS = ("optimizer", "learning_rate", "backend", "micro_batch_size", "accumulation_steps", "n", "seeds",
+FINAL_COLUMNS = ("optimizer", "learning_rate", "max_grad_norm", "backend", "micro_batch_size", "accumulation_steps", "n", "seeds",
                  "accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max", "fraction_clipped",
                  "grad_norm_median", "loss_factor_first_window", "final_train_loss")
 PAIR_COLUMNS = ("optimizer", "comparison", "n", "mean_diff", "ci95_lo", "ci95_hi", "diffs", "mean_disagreements")
@@ -58,7 +60,9 @@ class TrainerRun:
     path: Path
     backend: str
     optim: str
+    """The setting: the optimizer's name, with ``_noclip`` when the run does not clip."""
     learning_rate: float
+    max_grad_norm: float
     micro_batch_size: int
     accumulation_steps: int
     seed: int
@@ -88,8 +92,9 @@ def load(runs_dir: Path) -> list[TrainerRun]:
         preds_path = r.path / "predictions.json"
         preds = json.loads(preds_path.read_text())["splits"] if preds_path.exists() else {}
         out.append(TrainerRun(
-            path=r.path, backend=cfg.get("backend", "bert_accum"), optim=cfg.get("optim", "adamw_torch"),
-            learning_rate=float(cfg["learning_rate"]), micro_batch_size=r.micro_batch_size,
+            path=r.path, backend=cfg.get("backend", "bert_accum"),
+            optim=cfg.get("optim", "adamw_torch") + ("" if (cfg.get("max_grad_norm") or 0) > 0 else "_noclip"),
+            learning_rate=float(cfg["learning_rate"]), max_grad_norm=float(cfg.get("max_grad_norm") or 0), micro_batch_size=r.micro_batch_size,
             accumulation_steps=r.accumulation_steps, seed=r.seed, accuracy=r.metric, steps=r.steps, final=r.final,
             predictions=next(iter(preds.values()), []),
         ))
@@ -116,7 +121,8 @@ def final_rows(runs: list[TrainerRun]) -> list[dict[str, Any]]:
         factors = [r.final.get("trainer", {}).get("loss_factor_first_window", math.nan) for r in group]
         tail = [statistics.fmean(s.get("window_mean_loss", s["loss"]) for s in r.steps[-32:]) for r in group]
         rows.append({
-            "optimizer": optim, "learning_rate": group[0].learning_rate, "backend": key[0],
+            "optimizer": optim, "learning_rate": group[0].learning_rate, "max_grad_norm": group[0].max_grad_norm,
+            "backend": key[0],
             "micro_batch_size": key[1], "accumulation_steps": key[2], "n": len(group),
             "seeds": " ".join(str(r.seed) for r in group), "accuracy_mean": mean, "accuracy_std": std,
             "accuracy_min": min(r.accuracy for r in group), "accuracy_max": max(r.accuracy for r in group),
@@ -183,8 +189,9 @@ def _rolling(values: list[float], width: int) -> list[float]:
     return out
 
 
-def figure(rows: list[dict[str, Any]], path: Path, head: str, max_grad_norm: float | None, width: int = 16) -> Path:
-    """Small multiples: pre-clip gradient norm (top) and fraction of seeds clipped (bottom) per optimizer."""
+def figure(rows: list[dict[str, Any]], path: Path, head: str, max_grad_norm: dict[str, float], width: int = 16) -> Path:
+    """Small multiples: pre-clip gradient norm (top) and fraction of seeds clipped (bottom) per setting
+    (`max_grad_norm`: the clipping threshold of each setting, 0 for none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,9 +215,9 @@ def figure(rows: list[dict[str, Any]], path: Path, head: str, max_grad_norm: flo
                          label=f"{_label(key)}, {mine[0]['n']} seed(s)" if col == 0 else None)
             axes[0][col].plot(steps, _rolling([r["grad_norm_mean"] for r in mine], width), **style)
             axes[1][col].plot(steps, _rolling([r["fraction_clipped"] for r in mine], width), **style)
-        if max_grad_norm:
-            axes[0][col].axhline(max_grad_norm, color="gray", lw=0.8, ls=":",
-                                 label=f"max_grad_norm = {max_grad_norm:g}" if col == 0 else None)
+        if max_grad_norm.get(optim):
+            axes[0][col].axhline(max_grad_norm[optim], color="gray", lw=0.8, ls=":",
+                                 label=f"max_grad_norm = {max_grad_norm[optim]:g}" if col == 0 else None)
         axes[0][col].set_yscale("log")
         axes[0][col].set_title(f"SST-2, {OPTIMIZER_NAMES.get(optim, optim)}")
         axes[0][col].set_ylabel("pre-clip gradient norm")
@@ -255,7 +262,7 @@ def _verdict(row: dict[str, Any]) -> str:
 def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[dict[str, Any]],
              probes: dict[str, list[dict[str, str]]], head: str, figure_name: str) -> str:
     """The section "The Hugging Face Trainer"."""
-    any_run = runs[0]
+    any_run = next((r for r in runs if r.max_grad_norm > 0), runs[0])
     env = json.loads((any_run.path / "environment.json").read_text())
     cfg = json.loads((any_run.path / "config.json").read_text())
     versions = env.get("packages", {})
@@ -306,9 +313,11 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
         f"**The fine-tuning study** (`configs/study_trainer.yaml`): SST-2, the first {cfg.get('max_train_samples')} "
         f"training examples (file order), one epoch ({any_run.final.get('total_optimizer_steps')} optimizer steps "
         f"at E = 8 for both (B, N)), max_length {cfg.get('max_length')}, warmup {cfg.get('warmup_ratio')} then "
-        f"{cfg.get('lr_scheduler_type')} decay, max_grad_norm {cfg.get('max_grad_norm')}, learning rate "
+        f"{cfg.get('lr_scheduler_type')} decay, max_grad_norm {cfg.get('max_grad_norm')} (0 in the rows "
+        "'no clipping'), learning rate "
         + ", ".join(f"{k} {v:g}" for k, v in lrs.items())
-        + f" (SGD's from a pilot, see the grid file); full dev set ({any_run.final.get('eval', {}).get('num_examples')} "
+        + " (SGD's with clipping from a pilot, see the grid file; without clipping 0.1 / the clipped runs' median "
+        "pre-clip norm of about 6, no pilot); full dev set ({any_run.final.get('eval', {}).get('num_examples')} "
         f"examples), evaluated at the end; seeds {', '.join(map(str, n_seeds))}. The (8,1) reference of both "
         "backends is the stock Trainer's (8,1) run of the same seed (at N = 1 the two trainers compute the same "
         "gradient; the N = 1 check below trains both on seed 1).",
@@ -345,20 +354,16 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
             f"(2,4) at {_ci(e)} (n = {e['n']}: {_verdict(e)}; {e['mean_disagreements']:.0f} labelled differently). "
             "With standard dropout the exact (2,4) run differs from (8,1) only by its dropout masks, so its "
             "difference is the noise against which the stock Trainer's is read; exact minus stock at (2,4): "
-            f"{_ci(d)} ({_verdict(d)}). Fraction of steps clipped at max_grad_norm: stock (2,4) "
-            f"{clip.get((optim, 'trainer', 2, 4), math.nan):.3f}, exact (2,4) "
-            f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) {clip.get((optim, 'trainer', 8, 1), math.nan):.3f}; "
-            "a step clipped in both runs has the same norm whatever the factor, so the stock Trainer's N-times "
-            "gradient can change the update only on the other "
-            f"{1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps.")
+            f"{_ci(d)} ({_verdict(d)}). " + (_clipping(clip, optim) if not optim.endswith("_noclip") else
+            "Without clipping the stock Trainer's update is N = 4 times the exact one's at every step."))
         check = by.get(COMPARISONS[3][0])
         if check is not None:
-            lines.append(f"  N = 1 check (seed {' '.join(str(r.seed) for r in runs if r.optim == optim and r.key == ('exact_trainer', 8, 1))}): "
-                         f"exact (8,1) - stock (8,1) = {check['mean_diff']:+.4f} dev accuracy, "
-                         f"{check['mean_disagreements']:.0f} dev examples labelled differently.")
+            seeds = " ".join(str(r.seed) for r in runs if r.optim == optim and r.key == ("exact_trainer", 8, 1))
+            lines.append(f"  N = 1 check (seed {seeds}): exact (8,1) - stock (8,1) = {check['mean_diff']:+.4f} dev "
+                         f"accuracy, {check['mean_disagreements']:.0f} dev examples labelled differently.")
     lines += [
         "",
-        f"![Pre-clip gradient norm and fraction of steps clipped per optimizer step, stock Trainer vs "
+        "![Pre-clip gradient norm and fraction of steps clipped per optimizer step, stock Trainer vs "
         f"ExactAccumulationTrainer]({figure_name})",
         "",
         "Files (in `results/trainer/`): `final_metrics.csv`, `paired_differences.csv`, `grad_norms.csv`, "
@@ -366,6 +371,16 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
         "",
     ]
     return "\n".join(lines)
+
+
+def _clipping(clip: dict[tuple, float], optim: str) -> str:
+    """How much of the run clipping leaves to the stock Trainer's factor."""
+    return (f"Fraction of steps clipped at max_grad_norm: stock (2,4) "
+            f"{clip.get((optim, 'trainer', 2, 4), math.nan):.3f}, exact (2,4) "
+            f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) "
+            f"{clip.get((optim, 'trainer', 8, 1), math.nan):.3f}; a step clipped in both runs has the same norm "
+            "whatever the factor, so the stock Trainer's N-times gradient can change the update only on the other "
+            f"{1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps.")
 
 
 def run_study(runs_dir: Path, output_dir: Path, probe_dir: Path | None = None, command: str | None = None) -> dict[str, Path]:
@@ -380,8 +395,7 @@ def run_study(runs_dir: Path, output_dir: Path, probe_dir: Path | None = None, c
     write_csv(files["final"], finals, head, FINAL_COLUMNS)
     write_csv(files["pairs"], pairs, head, PAIR_COLUMNS)
     write_csv(files["norms"], norms, head, NORM_COLUMNS)
-    max_grad_norm = json.loads((runs[0].path / "config.json").read_text()).get("max_grad_norm")
-    figure(norms, files["figure"], head, max_grad_norm)
+    figure(norms, files["figure"], head, {r.optim: r.max_grad_norm for r in runs})
     probes = _probe_rows(Path(probe_dir)) if probe_dir else {}
     files["markdown"].write_text(markdown(runs, finals, pairs, probes, head, files["figure"].name))
     return files
