@@ -212,14 +212,15 @@ def figure(rows: list[dict[str, Any]], path: Path, head: str, max_grad_norm: dic
             steps = [r["optimizer_step"] for r in mine]
             style = dict(color=colours.get(key, "tab:green"), lw=1.3,
                          ls="--" if key == ("exact_trainer", 8, 1) else "-",
-                         label=f"{_label(key)}, {mine[0]['n']} seed(s)" if col == 0 else None)
+                         label=_label(key) if col == 0 else None)
             axes[0][col].plot(steps, _rolling([r["grad_norm_mean"] for r in mine], width), **style)
             axes[1][col].plot(steps, _rolling([r["fraction_clipped"] for r in mine], width), **style)
         if max_grad_norm.get(optim):
             axes[0][col].axhline(max_grad_norm[optim], color="gray", lw=0.8, ls=":",
                                  label=f"max_grad_norm = {max_grad_norm[optim]:g}" if col == 0 else None)
         axes[0][col].set_yscale("log")
-        axes[0][col].set_title(f"SST-2, {OPTIMIZER_NAMES.get(optim, optim)}")
+        seeds = max(r["n"] for r in rows if r["optimizer"] == optim)
+        axes[0][col].set_title(f"SST-2, {OPTIMIZER_NAMES.get(optim, optim)} (up to {seeds} seeds)")
         axes[0][col].set_ylabel("pre-clip gradient norm")
         axes[1][col].set_ylabel("fraction of seeds clipped")
         axes[1][col].set_xlabel("optimizer step")
