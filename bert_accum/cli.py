@@ -93,8 +93,10 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
     def go() -> None:
         cfg = parse_args(argv, prog=prog, description=FINETUNE_HELP)
         _preflight(cfg)
-        from .core.train import run  # torch: only once the flags are known to be good
-
+        if cfg.backend == "bert_accum":
+            from .core.train import run  # torch: only once the flags are known to be good
+        else:  # the HF Trainer backends (imported only when asked for) write the same run folder
+            from .integrations.backend import run_trainer as run
         run(cfg)
 
     return guarded(go)
@@ -136,7 +138,7 @@ results/probe/<task>) and prints the table. The logic lives in bert_accum.study.
 
 def parse_probe(argv: list[str] | None = None, prog: str | None = None):
     """`bert-accum probe` flags -> ProbeConfig."""
-    from .study.probe import ARMS, ProbeConfig
+    from .study.probe import ARMS, TRAINER_ARMS, ProbeConfig
 
     p = _parser(prog, PROBE_HELP)
     p.add_argument("--task_name", required=True, help="GLUE task (cola, sst2, mrpc, ..., rte), 'synthetic' or 'custom'")
@@ -153,6 +155,10 @@ def parse_probe(argv: list[str] | None = None, prog: str | None = None):
     p.add_argument("--arms", nargs="+", metavar="ARM",
                    help="switch settings to probe (default: all, without controlled_bf16 on a CPU that has no bf16 "
                         "matrix instructions): " + ", ".join(ARMS))
+    p.add_argument("--trainer_arms", nargs="*", metavar="ARM",
+                   help="also probe the Hugging Face Trainer (probe_trainer.csv / .md): the stock Trainer and "
+                        "ExactAccumulationTrainer beside the project's loop, with the gradient-norm ratio; no ARM "
+                        "given = all of " + ", ".join(TRAINER_ARMS) + ". Without --arms only these run")
     p.add_argument("--objective", choices=["classification", "mlm"], default="classification")
     p.add_argument("--mlm_probability", type=float, default=0.15, help="masked fraction for --objective mlm")
     p.add_argument("--seed", type=int, default=42, help="head init, data order, dropout and MLM masks (default 42)")

@@ -40,6 +40,8 @@ RUNTIME_FIELDS = frozenset({
 })
 """Fields that say where and how a run is kept, not what it computes: they may differ between a run folder's
 config.json and the command that resumes it (or a grid cell that finds it)."""
+BACKENDS = ("bert_accum", "trainer", "exact_trainer")
+OPTIMIZERS = ("adamw_torch", "sgd")
 
 
 STUDY_NAMES = {
@@ -135,8 +137,20 @@ class TrainConfig:
     )
 
     # --- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = _f(5e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    backend: str = _f(
+        "bert_accum",
+        "Training loop: bert_accum (this project's exact loop), trainer (the stock transformers.Trainer) or "
+        "exact_trainer (bert_accum.integrations.ExactAccumulationTrainer); all three write the same run folder.",
+        choices=BACKENDS,
+    )
+    optim: str = _f(
+        "adamw_torch",
+        "Optimizer, by the HF Trainer's name: adamw_torch (AdamW) or sgd (plain SGD: no momentum, same weight "
+        "decay groups).",
+        choices=OPTIMIZERS,
+    )
+    learning_rate: float = _f(5e-5, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "Weight decay (not applied to biases and LayerNorm weights).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     num_train_epochs: int = _f(3, "Epochs to train (ignored when --max_train_steps is given).")
     max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs.")
@@ -319,7 +333,8 @@ class TrainConfig:
             if self.max_train_steps is not None:
                 raise BertAccumError("give --max_train_examples or --max_train_steps, not both")
         allowed = {f.name: f.metadata.get("choices") for f in dataclasses.fields(self)}
-        for name in ("dropout", "padding", "loss_normalization", "objective", "precision", "lr_scheduler_type"):
+        for name in ("dropout", "padding", "loss_normalization", "objective", "precision", "lr_scheduler_type",
+                     "backend", "optim"):
             if getattr(self, name) not in allowed[name]:
                 raise BertAccumError(f"--{name} must be one of {', '.join(allowed[name])}, got {getattr(self, name)!r}")
         BugModes.parse(self.bug_modes)

@@ -246,10 +246,12 @@ class RunRecorder:
     fingerprints, trackers, and final metrics. Only the main process writes; on other ranks every call is a no-op.
 
     `resume_at` (the checkpoint's optimizer step) cuts `steps.jsonl`/`eval.jsonl` back to that step, so rows
-    written after the checkpoint by a killed run are neither duplicated nor lost.
+    written after the checkpoint by a killed run are neither duplicated nor lost. `environment_extra` adds keys
+    to environment.json (the Trainer backends state what the installed Trainer does there).
     """
 
-    def __init__(self, out: Path, accelerator, cfg, derived: dict[str, Any], resume_at: int | None = None):
+    def __init__(self, out: Path, accelerator, cfg, derived: dict[str, Any], resume_at: int | None = None,
+                 environment_extra: dict[str, Any] | None = None):
         from .fingerprint import Fingerprinter
 
         self.out = out
@@ -263,7 +265,8 @@ class RunRecorder:
             # The accelerator's own mixed-precision mode next to the config's precision: the autocast really used.
             write_json(out / "environment.json", environment(str(accelerator.device), accelerator.num_processes,
                                                              cfg.precision,
-                                                             {"accelerate_mixed_precision": accelerator.mixed_precision}))
+                                                             {"accelerate_mixed_precision": accelerator.mixed_precision,
+                                                              **(environment_extra or {})}))
             keep = resume_at if resume_at is not None else 0
             self.steps_log = JsonlWriter(out / "steps.jsonl", keep_up_to_step=keep)
             self.evals_log = JsonlWriter(out / "eval.jsonl", keep_up_to_step=keep)

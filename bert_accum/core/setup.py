@@ -113,13 +113,17 @@ def load_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, raw=None):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights, as in the HF examples."""
+    """`cfg.optim` without weight decay on biases and LayerNorm weights, as in the HF examples: AdamW
+    (``adamw_torch``) or plain SGD (``sgd``: no momentum, so each step is -lr times the accumulated gradient
+    and a gradient N times too large is an N times larger step, which AdamW's normalisation hides)."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grouped = [
         {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
+    if cfg.optim == "sgd":
+        return torch.optim.SGD(grouped, lr=cfg.learning_rate, momentum=0.0)
     return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
 
 

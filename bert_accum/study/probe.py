@@ -24,6 +24,12 @@ Computations that are bitwise identical are done once and shared between arms: a
 ``mean_of_means`` and ``global`` give the same scale factors (items are examples, and
 ``B / (B * E)`` rounds to the same float as ``1 / E``).
 
+``trainer_arms`` adds the Hugging Face Trainer (`TRAINER_ARMS`, written to probe_trainer.csv / probe_trainer.md,
+leaving probe.csv as it is): the same window through the stock ``transformers.Trainer`` and through
+`ExactAccumulationTrainer` (`integrations.window_gradient`), beside the project's loop under the matching switches,
+each against its own (E, 1) gradient, with ``norm_ratio`` = ||g|| / ||g_ref|| (N where the Trainer does not divide
+the micro-batch means by N).
+
 ``steps > 0`` adds a short multi-step variant: K AdamW steps (constant learning rate, no clipping, no
 weight decay) over consecutive windows from the same initial weights, reporting after each step the
 parameter L2 distance to the (E, 1) run of the same arm, relative to the (E, 1) run's total update,
@@ -33,6 +39,7 @@ and the same seed floor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +53,8 @@ from ..errors import BertAccumError
 
 __all__ = [
     "ARMS",
+    "TRAINER_ARMS",
+    "TRAINER_COLUMNS",
     "Arm",
     "ProbeConfig",
     "ProbeResult",
@@ -86,6 +95,40 @@ ARMS: dict[str, Arm] = {
     )
 }
 
+
+@dataclass(frozen=True)
+class TrainerArm:
+    """One training loop with its switches: the stock Trainer, the exact trainer, or the project's loop."""
+
+    name: str
+    backend: str  # trainer | exact_trainer | bert_accum
+    dropout: str
+    padding: str
+    loss_normalization: str
+    description: str = ""
+
+
+TRAINER_ARMS: dict[str, TrainerArm] = {
+    arm.name: arm
+    for arm in (
+        TrainerArm("trainer", "trainer", "standard", "dynamic", "mean_of_means", "the stock transformers.Trainer"),
+        TrainerArm("trainer_dropout_off", "trainer", "off", "dynamic", "mean_of_means",
+                   "the stock Trainer without dropout: only its loss normalisation differs"),
+        TrainerArm("exact_trainer", "exact_trainer", "invariant", "window", "global",
+                   "ExactAccumulationTrainer, every cause switched off"),
+        TrainerArm("exact_trainer_dropout_standard", "exact_trainer", "standard", "dynamic", "global",
+                   "ExactAccumulationTrainer with torch RNG dropout (the SST-2 grid's setting)"),
+        TrainerArm("loop_default", "bert_accum", "standard", "dynamic", "mean_of_means",
+                   "this project's loop, switches as the stock Trainer's"),
+        TrainerArm("loop_controlled", "bert_accum", "invariant", "window", "global",
+                   "this project's loop, every cause switched off"),
+    )
+}
+
+TRAINER_COLUMNS = ("task", "objective", "arm", "backend", "micro_batch_size", "accumulation_steps",
+                   "effective_batch_size", "rel_l2", "cosine", "norm_ratio", "max_group_rel", "max_group",
+                   "seed_floor_rel_l2", "ratio_to_floor")
+
 COLUMNS = ("task", "objective", "arm", "micro_batch_size", "accumulation_steps", "effective_batch_size", "rel_l2",
            "cosine", "max_group_rel", "max_group", "seed_floor_rel_l2", "ratio_to_floor")
 STEP_COLUMNS = ("task", "objective", "arm", "micro_batch_size", "accumulation_steps", "effective_batch_size",
@@ -107,6 +150,9 @@ class ProbeConfig:
     effective_batch_size: int = 32
     micro_batch_sizes: list[int] | None = None
     """Micro batch sizes B; default E, E/2, E/4, E/8, E/16 (the whole ones): 32 16 8 4 2 for E = 32."""
+    trainer_arms: list[str] | None = None
+    """Trainer arms (`TRAINER_ARMS`) to probe as well; [] means all of them. Given while `arms` is None, only the
+    Trainer arms run (no probe.csv)."""
     arms: list[str] | None = None
     """Arms to probe; default (None): every arm, except `controlled_bf16` on a CPU without bf16 matrix
     instructions (there bf16 matmuls are emulated, about 8x slower than fp32, and the one arm would take
@@ -153,6 +199,9 @@ class ProbeConfig:
         unknown = [a for a in self.arms or [] if a not in ARMS]
         if unknown:
             raise BertAccumError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        unknown = [a for a in self.trainer_arms or [] if a not in TRAINER_ARMS]
+        if unknown:
+            raise BertAccumError(f"unknown trainer arm(s) {', '.join(unknown)}; choose from {', '.join(TRAINER_ARMS)}")
         if self.objective not in ("classification", "mlm"):
             raise BertAccumError(f"--objective must be classification or mlm, got {self.objective!r}")
         if self.steps < 0:
@@ -209,6 +258,7 @@ class ProbeResult:
     files: dict[str, Path]
     seconds: float
     markdown: str
+    trainer_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,6 +482,9 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     started = time.perf_counter()
     cfg.validate()
     say = (lambda *a, **k: None) if cfg.quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    trainer_arms = None if cfg.trainer_arms is None else (list(cfg.trainer_arms) or list(TRAINER_ARMS))
+    if cfg.arms is None and trainer_arms is not None:
+        cfg.arms = []  # only the Trainer arms were asked for
     if cfg.arms is None:
         cfg.arms = default_arms()
         if "controlled_bf16" not in cfg.arms:
@@ -445,7 +498,8 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     task = prober.task.name
     say(f"[probe] task {task} ({kind}) | effective batch {E} | configurations "
         + ", ".join(f"({b},{n})" for b, n in configs) + f" vs ({E},1) | arms {', '.join(cfg.arms)}"
-        + (f" | {cfg.steps} optimizer steps" if cfg.steps else ""))
+        + (f" | {cfg.steps} optimizer steps" if cfg.steps else "")
+        + (f" | trainer arms {', '.join(trainer_arms)}" if trainer_arms else ""))
 
     # Which reference gradients are needed, and by how many arms: kept only while still needed.
     refs_left: dict[_Comp, int] = {}
@@ -479,16 +533,26 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
             del ref_grads[ref_c]
         say(f"[probe] arm {name}: {time.perf_counter() - t_arm:.1f} s")
 
-    step_rows = _run_steps(cfg, prober, configs, kind, task, say) if cfg.steps else []
+    step_rows = _run_steps(cfg, prober, configs, kind, task, say) if cfg.steps and cfg.arms else []
+    trainer_rows = _run_trainer_arms(trainer_arms, prober, configs, task, say) if trainer_arms else []
 
     seconds = time.perf_counter() - started
     out = cfg.resolved_output_dir()
     out.mkdir(parents=True, exist_ok=True)
     header = provenance(cfg.command)
-    files = {"csv": out / "probe.csv", "md": out / "probe.md"}
-    write_csv(files["csv"], rows, header, COLUMNS)
-    markdown = _markdown(rows, cfg, prober, seconds)
-    files["md"].write_text(plumbing_header(header, markdown=True) + "\n" + markdown)
+    files: dict[str, Path] = {}
+    markdown = ""
+    if cfg.arms:
+        files.update(csv=out / "probe.csv", md=out / "probe.md")
+        write_csv(files["csv"], rows, header, COLUMNS)
+        markdown = _markdown(rows, cfg, prober, seconds)
+        files["md"].write_text(plumbing_header(header, markdown=True) + "\n" + markdown)
+    if trainer_rows:
+        files.update(trainer_csv=out / "probe_trainer.csv", trainer_md=out / "probe_trainer.md")
+        write_csv(files["trainer_csv"], trainer_rows, header, TRAINER_COLUMNS)
+        trainer_md = _trainer_markdown(trainer_rows, trainer_arms, cfg, seconds)
+        files["trainer_md"].write_text(plumbing_header(header, markdown=True) + "\n" + trainer_md)
+        markdown += ("\n" if markdown else "") + trainer_md
     if step_rows:
         files["steps_csv"] = out / "probe_steps.csv"
         write_csv(files["steps_csv"], step_rows, header, STEP_COLUMNS)
@@ -497,7 +561,64 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
         say(_steps_markdown(step_rows, cfg.steps))
     say(f"[probe] total wall time {seconds:.1f} s ({prober.computations} window computations, "
         f"{prober.compute_seconds:.1f} s of forward/backward) -> {out}")
-    return ProbeResult(rows=rows, step_rows=step_rows, files=files, seconds=seconds, markdown=markdown)
+    return ProbeResult(rows=rows, step_rows=step_rows, files=files, seconds=seconds, markdown=markdown,
+                       trainer_rows=trainer_rows)
+
+
+def _trainer_gradient(prober: _Prober, arm: TrainerArm, b: int, n: int, dropout_seed: int) -> list[torch.Tensor]:
+    """The first window's accumulated gradient at (b, n) under a Trainer arm (a fresh copy of the initial model)."""
+    from ..core.windows import window_examples
+    from ..integrations.window_gradient import trainer_window_gradient
+
+    t0 = time.perf_counter()
+    epoch, window = prober.windows[(b, n)][0]
+    everyone = window_examples(window)
+    # Dynamic padding here: the exact trainer pads the window itself when its padding is "window".
+    micro_batches = [prober.collators["dynamic"](micro[0], everyone, epoch) for micro in window]
+    kwargs = {}
+    if arm.backend == "exact_trainer":
+        kwargs = dict(dropout=arm.dropout, padding=arm.padding, loss_normalization=arm.loss_normalization)
+    model = copy.deepcopy(prober.base)
+    if arm.backend == "trainer" and arm.dropout == "off":
+        from ..controls.dropout import DropoutController
+
+        DropoutController(model, "off")
+    model.train()
+    grads = trainer_window_gradient(model, micro_batches, backend=arm.backend, dropout_seed=dropout_seed,
+                                    seed=prober.cfg.seed, **kwargs)
+    prober.computations += 1
+    prober.compute_seconds += time.perf_counter() - t0
+    return grads
+
+
+def _run_trainer_arms(names: list[str], prober: _Prober, configs, task: str, say) -> list[dict[str, Any]]:
+    """Each Trainer arm's (B, N) gradients against its own (E, 1) gradient, with the norm ratio and a seed floor."""
+    cfg, kind = prober.cfg, prober.kind
+    E = cfg.effective_batch_size
+    seed, floor_seed = cfg.seed, cfg.seed + 1
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        arm = TRAINER_ARMS[name]
+        t_arm = time.perf_counter()
+        if arm.backend == "bert_accum":
+            loop_arm = Arm(name, arm.dropout, arm.padding, arm.loss_normalization, "fp32")
+
+            def gradient(b, n, dropout_seed, _arm=loop_arm):
+                return prober.gradient(_comp(_arm, b, n, kind, dropout_seed))
+        else:
+            def gradient(b, n, dropout_seed, _arm=arm):
+                return _trainer_gradient(prober, _arm, b, n, dropout_seed)
+        ref = _Flat(gradient(E, 1, seed), prober.groups)
+        floor = _compare(gradient(E, 1, floor_seed), ref)["rel_l2"]
+        for b, n in configs:
+            g = _Flat(gradient(b, n, seed), prober.groups)
+            m = _compare(g, ref)
+            rows.append({"task": task, "objective": cfg.objective, "arm": name, "backend": arm.backend,
+                         "micro_batch_size": b, "accumulation_steps": n, "effective_batch_size": E, **m,
+                         "norm_ratio": g.norm / ref.norm if ref.norm > 0 else math.nan, "seed_floor_rel_l2": floor,
+                         "ratio_to_floor": _ratio(m["rel_l2"], floor)})
+        say(f"[probe] trainer arm {name}: {time.perf_counter() - t_arm:.1f} s")
+    return rows
 
 
 def _run_steps(cfg: ProbeConfig, prober: _Prober, configs, kind: str, task: str, say) -> list[dict[str, Any]]:
@@ -571,6 +692,37 @@ def _markdown(rows, cfg: ProbeConfig, prober: _Prober, seconds: float) -> str:
         legend.append(f"- `{name}`: {a.dropout} / {a.padding} / {a.loss_normalization} / {a.precision} ({a.description})")
     legend += ["", f"Wall time {seconds:.1f} s, {prober.computations} window computations "
                f"({prober.compute_seconds:.1f} s forward/backward), {torch.get_num_threads()} torch threads.", ""]
+    return "\n".join(lines + legend)
+
+
+def _trainer_markdown(rows, names: list[str], cfg: ProbeConfig, seconds: float) -> str:
+    import transformers
+
+    lines = ["| " + " | ".join(TRAINER_COLUMNS) + " |", "|" + "---|" * len(TRAINER_COLUMNS)]
+    for r in rows:
+        cells = [r["task"], r["objective"], r["arm"], r["backend"], str(r["micro_batch_size"]),
+                 str(r["accumulation_steps"]), str(r["effective_batch_size"]), _fmt(r["rel_l2"]), f"{r['cosine']:.10f}",
+                 f"{r['norm_ratio']:.6f}", _fmt(r["max_group_rel"]), r["max_group"], _fmt(r["seed_floor_rel_l2"]),
+                 f"{r['ratio_to_floor']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    E = cfg.effective_batch_size
+    legend = [
+        "",
+        f"The Hugging Face Trainer (transformers {transformers.__version__}): the accumulated gradient of the first "
+        f"window of epoch 0 (seed {cfg.seed}, {E} examples) for each (B, N) against ({E}, 1) under the same arm, from "
+        f"identical weights; model {cfg.model_name_or_path}, max_length {cfg.max_length}. The Trainer arms run "
+        "Trainer.train for one optimizer step (gradient copied before clipping and the optimizer); the loop arms are "
+        "this project's loop. norm_ratio = ||g|| / ||g_ref||: N where the Trainer does not divide the micro-batch "
+        "means by N. Standard dropout restarts torch's RNG from the seed before the first micro-step, as the loop "
+        f"arms do; seed_floor_rel_l2 compares dropout seeds {cfg.seed} and {cfg.seed + 1} of ({E}, 1).",
+        "",
+        "Arms (backend: dropout / padding / loss normalisation):",
+        "",
+    ]
+    for name in names:
+        a = TRAINER_ARMS[name]
+        legend.append(f"- `{name}`: {a.backend}: {a.dropout} / {a.padding} / {a.loss_normalization} ({a.description})")
+    legend += ["", f"Wall time of the whole probe {seconds:.1f} s, {torch.get_num_threads()} torch threads.", ""]
     return "\n".join(lines + legend)
 
 
