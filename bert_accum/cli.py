@@ -434,6 +434,38 @@ def make_synthetic_main(argv: list[str] | None = None, prog: str | None = None) 
     return guarded(go)
 
 
+# ----------------------------------------------------------------------------------------------- trainer-study
+TRAINER_STUDY_HELP = """The Hugging Face Trainer study: tables, figure and the Markdown section from the runs of
+configs/study_trainer.yaml.
+
+    bert-accum grid configs/study_trainer.yaml --glue_dir /path/to/glue --parallel 2
+    bert-accum trainer-study
+
+Reads --runs_dir and the probe's Trainer tables below --probe_dir, writes final_metrics.csv,
+paired_differences.csv, grad_norms.csv, grad_norms.png and trainer.md to --output_dir. The logic lives in
+bert_accum.study.trainer_study.
+"""
+
+
+def trainer_study_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`bert-accum trainer-study` (`scripts/trainer_study.py`)."""
+    p = _parser(prog, TRAINER_STUDY_HELP)
+    p.add_argument("--runs_dir", default="results/trainer/runs", help="run folders of the grid")
+    p.add_argument("--probe_dir", default="results/trainer/probe", help="folders holding probe_trainer.csv")
+    p.add_argument("--output_dir", default="results/trainer", help="where the tables, figure and trainer.md go")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from pathlib import Path
+
+        from .study.trainer_study import run_study
+
+        for path in run_study(Path(a.runs_dir), Path(a.output_dir), Path(a.probe_dir)).values():
+            print(path)
+
+    return guarded(go)
+
+
 # ----------------------------------------------------------------------------------------------- bert-accum
 def _grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`bert-accum grid`: `study.grid.grid_main`, imported when asked for."""
@@ -451,6 +483,7 @@ TOOLS: dict[str, tuple[Callable[..., int], str]] = {
     "bench": (bench_main, "throughput against a plain Hugging Face-style loop"),
     "norm-study": (norm_study_main, "BatchNorm vs LayerNorm/GroupNorm under accumulation"),
     "make-synthetic": (make_synthetic_main, "write the synthetic task in the GLUE layout"),
+    "trainer-study": (trainer_study_main, "the HF Trainer study's tables, figure and section from its runs"),
 }
 
 
