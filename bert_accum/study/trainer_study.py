@@ -318,7 +318,8 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
         "'no clipping'), learning rate "
         + ", ".join(f"{k} {v:g}" for k, v in lrs.items())
         + " (SGD's with clipping from a pilot, see the grid file; without clipping 0.1 / the clipped runs' median "
-        "pre-clip norm of about 6, no pilot); full dev set ({any_run.final.get('eval', {}).get('num_examples')} "
+        "pre-clip norm of about 6, no pilot); full dev set "
+        f"({any_run.final.get('eval', {}).get('num_examples')} "
         f"examples), evaluated at the end; seeds {', '.join(map(str, n_seeds))}. The (8,1) reference of both "
         "backends is the stock Trainer's (8,1) run of the same seed (at N = 1 the two trainers compute the same "
         "gradient; the N = 1 check below trains both on seed 1).",
