@@ -222,8 +222,14 @@ BATCH_FACTOR = frozenset({"micro_batch_size", "accumulation_steps"})
 def config_identity(cfg: dict[str, Any], task: str, objective: str, b: int, n: int, w: int,
                     seeds: dict[str, int]) -> dict[str, Any]:
     """Everything that makes a run what it is: data source and sizes, task, objective, every training setting,
-    B, N, W and the three resolved seeds."""
-    out = {k: v for k, v in cfg.items() if k not in _BOOKKEEPING | _CELL_FIELDS}
+    B, N, W and the three resolved seeds. A field the config.json lacks (written before the field existed) counts
+    as the field's default, as the grid runner and resume count it."""
+    import dataclasses
+
+    from ..core.config import TrainConfig
+
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in {**defaults, **cfg}.items() if k not in _BOOKKEEPING | _CELL_FIELDS}
     out.update(task=task, objective=objective, micro_batch_size=b, accumulation_steps=n, num_processes=w, **seeds)
     return out
 
@@ -235,7 +241,7 @@ def identity(run: Run) -> dict[str, Any]:
 
 
 def differences(a: Run, b: Run) -> list[str]:
-    """The identity fields in which two runs differ (a field one of them lacks counts as None)."""
+    """The identity fields in which two runs differ (a field one of them lacks counts as its default)."""
     ia, ib = identity(a), identity(b)
     return sorted(k for k in set(ia) | set(ib) if ia.get(k) != ib.get(k))
 
