@@ -284,6 +284,7 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
         "synthetic_data": s.task.name == "synthetic",
         **s.derived(),
         "optimizer_steps": callback.optimizer_step,
+        "clipped_fraction": callback.clipped_steps / max(callback.optimizer_step, 1),
         "examples_seen": callback.examples_seen,
         "train_seconds": round(callback.train_seconds, 3),
         "examples_per_second": callback.examples_seen / seconds,
@@ -313,7 +314,7 @@ class _StepRows(TrainerCallback):
         """Give the callback what it writes with (after the Trainer exists)."""
         self.trainer, self.s, self.cfg, self.recorder = trainer, setup, cfg, recorder
         self.dropout_stream, self.loaders = dropout_stream, loaders
-        self.optimizer_step = self.micro_step = self.examples_seen = self.real_tokens = 0
+        self.optimizer_step = self.micro_step = self.examples_seen = self.real_tokens = self.clipped_steps = 0
         self.train_seconds = 0.0
         self.first_factor = math.nan
         self.last_eval: dict[str, Any] = {}
@@ -348,6 +349,7 @@ class _StepRows(TrainerCallback):
         self.train_seconds += seconds
         self.optimizer_step += 1
         self.micro_step += t.micro_steps
+        self.clipped_steps += bool(self._pre.get("clipped"))
         self.examples_seen += t.examples
         self.real_tokens += t.real_tokens
         step = self.optimizer_step
