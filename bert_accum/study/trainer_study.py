@@ -354,10 +354,11 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
             f"- {name}: the stock Trainer's (2,4) ends at {_ci(s)} dev accuracy against (8,1) (n = {s['n']}: "
             f"{_verdict(s)}; {s['mean_disagreements']:.0f} dev examples labelled differently); the exact trainer's "
             f"(2,4) at {_ci(e)} (n = {e['n']}: {_verdict(e)}; {e['mean_disagreements']:.0f} labelled differently). "
-            "With standard dropout the exact (2,4) run differs from (8,1) only by its dropout masks, so its "
+            "With standard dropout the exact (2,4) run differs from (8,1) only by its dropout masks (and the rounding "
+            "of other padded shapes), so its "
             "difference is the noise against which the stock Trainer's is read; exact minus stock at (2,4): "
             f"{_ci(d)} ({_verdict(d)}). " + (_clipping(clip, optim) if not optim.endswith("_noclip") else
-            "Without clipping the stock Trainer's update is N = 4 times the exact one's at every step."))
+            _unclipped(finals, optim)))
         check = by.get(COMPARISONS[3][0])
         if check is not None:
             seeds = " ".join(str(r.seed) for r in runs if r.optim == optim and r.key == ("exact_trainer", 8, 1))
@@ -373,6 +374,18 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
         "",
     ]
     return "\n".join(lines)
+
+
+def _unclipped(finals: list[dict[str, Any]], optim: str) -> str:
+    """What the factor is without clipping: a learning rate N times larger (plain SGD)."""
+    ref = next((r for r in finals if r["optimizer"] == optim
+                and (r["backend"], r["micro_batch_size"], r["accumulation_steps"]) == REFERENCE), None)
+    if ref is None:
+        return "Without clipping the stock Trainer's update is N = 4 times the exact one's at every step."
+    lr = ref["learning_rate"]
+    return (f"Without clipping the stock Trainer's update is N = 4 times the exact one's at every step: for plain "
+            f"SGD, learning rate {4 * lr:g} instead of {lr:g}; at {lr:g} the (8,1) reference reaches "
+            f"{ref['accuracy_mean']:.4f} (n = {ref['n']}).")
 
 
 def _clipping(clip: dict[tuple, float], optim: str) -> str:
