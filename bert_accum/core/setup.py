@@ -209,6 +209,28 @@ class RunSetup:
         }
 
 
+def final_metrics(s: "RunSetup", *, optimizer_steps: int, clipped_steps: int, examples_seen: int, real_tokens: int,
+                  train_seconds: float, device: str, last_eval: dict[str, Any]) -> dict[str, Any]:
+    """final_metrics.json of a completed run, the same keys whichever loop (this project's or a Trainer) trained it."""
+    seconds = max(train_seconds, 1e-9)
+    return {
+        "status": "completed",
+        "task": s.task.name,
+        "synthetic_data": s.task.name == "synthetic",
+        **s.derived(),
+        "optimizer_steps": optimizer_steps,
+        "clipped_fraction": clipped_steps / max(optimizer_steps, 1),
+        "examples_seen": examples_seen,
+        "train_seconds": round(train_seconds, 3),
+        "examples_per_second": examples_seen / seconds,
+        "tokens_per_second": real_tokens / seconds,
+        "device": device,
+        "precision": s.cfg.precision,
+        "eval": last_eval,
+        "main_metric": s.task.main_metric if s.kind != "mlm" else "masked_accuracy",
+    }
+
+
 def plan_steps(cfg: TrainConfig, plan: WindowPlan, bugs: BugModes) -> StepPlan:
     """Steps per epoch, total steps, epochs, warmup and evaluation cadence for `plan`."""
     steps_per_epoch = plan.num_windows_per_epoch()

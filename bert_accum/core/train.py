@@ -34,7 +34,7 @@ from .checkpoint import (TrainingProgress, check_resume_config, load_checkpoint,
 from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
 from .records import RunRecorder, create_output_dir, prepare_output_dir
-from .setup import RunSetup, setup
+from .setup import RunSetup, final_metrics, setup
 from .windows import window_examples
 
 
@@ -120,23 +120,9 @@ def run(cfg: TrainConfig, accelerator=None, before_optimizer_step=None) -> dict[
         last_eval = fit(s, model, optimizer, accelerator, progress, eval_loaders, recorder, before_optimizer_step)
     finally:
         recorder.close()
-    seconds = max(progress.train_seconds, 1e-9)
-    final = {
-        "status": "completed",
-        "task": s.task.name,
-        "synthetic_data": s.task.name == "synthetic",
-        **s.derived(),
-        "optimizer_steps": progress.optimizer_step,
-        "clipped_fraction": progress.clipped_steps / max(progress.optimizer_step, 1),
-        "examples_seen": progress.examples_seen,
-        "train_seconds": round(progress.train_seconds, 3),
-        "examples_per_second": progress.examples_seen / seconds,
-        "tokens_per_second": progress.real_tokens_seen / seconds,
-        "device": str(accelerator.device),
-        "precision": cfg.precision,
-        "eval": last_eval,
-        "main_metric": s.task.main_metric if s.kind != "mlm" else "masked_accuracy",
-    }
+    final = final_metrics(s, optimizer_steps=progress.optimizer_step, clipped_steps=progress.clipped_steps,
+                          examples_seen=progress.examples_seen, real_tokens=progress.real_tokens_seen,
+                          train_seconds=progress.train_seconds, device=str(accelerator.device), last_eval=last_eval)
     if cfg.save_final_model:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:

@@ -207,7 +207,7 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
     from ..core.records import RunRecorder, create_output_dir, prepare_output_dir
-    from ..core.setup import setup
+    from ..core.setup import final_metrics, setup
     from ..core.train import _eval_loaders
     from .trainer import ExactAccumulationTrainer
 
@@ -277,22 +277,11 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
         scratch.cleanup()
     if callback.optimizer_step != s.steps.total:
         raise BertAccumError(f"the Trainer took {callback.optimizer_step} optimizer steps, the plan has {s.steps.total}")
-    seconds = max(callback.train_seconds, 1e-9)
     final = {
-        "status": "completed",
-        "task": s.task.name,
-        "synthetic_data": s.task.name == "synthetic",
-        **s.derived(),
-        "optimizer_steps": callback.optimizer_step,
-        "clipped_fraction": callback.clipped_steps / max(callback.optimizer_step, 1),
-        "examples_seen": callback.examples_seen,
-        "train_seconds": round(callback.train_seconds, 3),
-        "examples_per_second": callback.examples_seen / seconds,
-        "tokens_per_second": callback.real_tokens / seconds,
-        "device": str(trainer.accelerator.device),
-        "precision": cfg.precision,
-        "eval": callback.last_eval,
-        "main_metric": s.task.main_metric,
+        **final_metrics(s, optimizer_steps=callback.optimizer_step, clipped_steps=callback.clipped_steps,
+                        examples_seen=callback.examples_seen, real_tokens=callback.real_tokens,
+                        train_seconds=callback.train_seconds, device=str(trainer.accelerator.device),
+                        last_eval=callback.last_eval),
         "backend": cfg.backend,
         "trainer": {**facts, "loss_factor_first_window": callback.first_factor},
     }
