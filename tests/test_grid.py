@@ -435,3 +435,25 @@ def test_shipped_grid_files_are_found_by_name_from_any_folder(tmp_path, monkeypa
 def test_cells_state_their_precision_so_a_launcher_cannot_change_it(tmp_path):
     grid = _grid(tmp_path, "/m", "/g", seeds=[1], micro_batch_sizes=[8], arms={"default": {}})
     assert "--precision fp32" in describe(expand(GridSpec.load(grid))[0], "accelerate launch --mixed_precision bf16")
+
+
+def test_run_first_orders_computation_without_changing_indices(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, run_first=["synthetic/controlled/B2_N4"])
+    assert grid_main([str(grid), "--dry-run"]) == 0
+    order = [line.split("\t")[:2] for line in capsys.readouterr().out.strip().splitlines()]
+    # grid order is seed, arm, (B, N): controlled (2,4) is cell 3 (seed 1) and 7 (seed 2); both run first
+    assert [i for i, _ in order] == ["3", "7", "0", "1", "2", "4", "5", "6"]
+    assert order[0][1].endswith("synthetic/controlled/B2_N4/seed1")
+    assert grid_main([str(grid), "--dry-run", "--cell", "6", "0"]) == 0  # --cell keeps its own order
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()] == ["6", "0"]
+
+
+@pytest.mark.parametrize("run_first, message", [
+    (["synthetic/contrlled"], "matches no cell"),
+    ("synthetic/default", "must be a list"),
+    ([""], "must be a list"),
+])
+def test_a_bad_run_first_is_a_one_line_error(tmp_path, tiny_model_dir, synthetic_glue_dir, capsys, run_first, message):
+    grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, run_first=run_first)
+    assert grid_main([str(grid), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err

@@ -41,7 +41,7 @@ RUNTIME_FIELDS = frozenset({
 """Fields that say where and how a run is kept, not what it computes: they may differ between a run folder's
 config.json and the command that resumes it (or a grid cell that finds it)."""
 BACKENDS = ("bert_accum", "trainer", "exact_trainer")
-OPTIMIZERS = ("adamw_torch", "sgd")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")
 
 
 STUDY_NAMES = {
@@ -145,8 +145,9 @@ class TrainConfig:
     )
     optim: str = _f(
         "adamw_torch",
-        "Optimizer, by the HF Trainer's name: adamw_torch (AdamW) or sgd (plain SGD: no momentum, same weight "
-        "decay groups).",
+        "Optimizer, by the HF Trainer's name: adamw_torch (AdamW), adamw_torch_fused (the same AdamW as one fused "
+        "kernel: about 7x faster per step on a CPU core, equal to adamw_torch up to float round-off) or sgd (plain "
+        "SGD: no momentum, same weight decay groups).",
         choices=OPTIMIZERS,
     )
     learning_rate: float = _f(5e-5, "Peak learning rate.")

@@ -114,7 +114,7 @@ def load_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, raw=None):
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """`cfg.optim` without weight decay on biases and LayerNorm weights, as in the HF examples: AdamW
-    (``adamw_torch``) or plain SGD (``sgd``: no momentum, so each step is -lr times the accumulated gradient
+    (``adamw_torch``; ``adamw_torch_fused`` is the same update in one fused kernel) or plain SGD (``sgd``: no momentum, so each step is -lr times the accumulated gradient
     and a gradient N times too large is an N times larger step, which AdamW's normalisation hides)."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -124,7 +124,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     ]
     if cfg.optim == "sgd":
         return torch.optim.SGD(grouped, lr=cfg.learning_rate, momentum=0.0)
-    return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    return torch.optim.AdamW(grouped, lr=cfg.learning_rate, eps=cfg.adam_epsilon,
+                             fused=cfg.optim == "adamw_torch_fused" or None)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ to the cell's seed plus an offset, e.g. ``{dropout_seed: 100}`` for a dropout-on
 ``equivalence_margins`` ({task: {metric: margin}}) states the equivalence margins of the study before it runs;
 ``reference_thresholds`` ({task: {metric: value}}) the final metric the (E, 1) reference must reach for the study to
 count as converged; the grid only records both, the report reads them.
+``run_first`` (a list; each entry one or more cell-name prefixes separated by spaces, e.g.
+``"sst2/default sst2/floor_dropout"``) sets the order of computation when the grid is run without ``--cell``:
+the cells of the first entry (seed-major among themselves), then those of the next, then every other cell. It
+spends a limited CPU budget on the comparisons that matter most first; cell indices do not change.
 
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
@@ -74,6 +78,7 @@ from ..errors import BertAccumError
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
     "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins", "reference_thresholds",
+    "run_first",
 }
 # Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
 ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
@@ -121,6 +126,8 @@ class GridSpec:
     equivalence_margins: dict[str, dict[str, float]] = field(default_factory=dict)
     reference_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per task: {metric: the final value the (E, 1) reference must reach}."""
+    run_first: list[list[str]] = field(default_factory=list)
+    """Groups of cell-name prefixes computed before the other cells, in this order."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -176,6 +183,7 @@ class GridSpec:
             arm_seeds=arm_seeds, arm_batches=arm_batches, seed_offsets=offsets,
             equivalence_margins=_task_metric_values(raw.get("equivalence_margins"), f"{source}: equivalence_margins"),
             reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
+            run_first=_run_first(raw.get("run_first"), source),
         )
 
     @classmethod
@@ -193,6 +201,34 @@ class GridSpec:
         if not isinstance(raw, dict):
             raise BertAccumError(f"{p}: a grid file is a YAML mapping")
         return cls.from_dict(raw, source=str(p))
+
+
+def _run_first(value: Any, source: str) -> list[list[str]]:
+    """``run_first`` as groups of prefixes; each entry is text with one or more space-separated prefixes."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.split() for v in value):
+        raise BertAccumError(f"{source}: 'run_first' must be a list of cell-name prefixes such as "
+                             f"'sst2/default', got {value!r}")
+    return [v.split() for v in value]
+
+
+def run_order(cells: list[Cell], run_first: list[list[str]], source: str = "grid") -> list[Cell]:
+    """`cells` in the order of computation: each `run_first` group (grid order within it), then the rest.
+
+    A prefix that matches no cell is an error, so a typo cannot silently demote the cells it meant."""
+    def matches(cell: Cell, prefix: str) -> bool:
+        return cell.name == prefix or cell.name.startswith(prefix.rstrip("/") + "/")
+
+    for group in run_first:
+        for prefix in group:
+            if not any(matches(c, prefix) for c in cells):
+                raise BertAccumError(f"{source}: run_first prefix {prefix!r} matches no cell of the grid")
+
+    def rank(cell: Cell) -> int:
+        return next((i for i, group in enumerate(run_first) if any(matches(cell, p) for p in group)), len(run_first))
+
+    return sorted(cells, key=lambda c: (rank(c), c.index))
 
 
 def _check_types(raw: dict[str, Any], source: str) -> None:
@@ -605,6 +641,8 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if bad:
                 raise BertAccumError(f"--cell {bad}: the grid has cells 0..{len(cells) - 1}")
             cells = [cells[i] for i in a.cell]
+        else:
+            cells = run_order(cells, spec.run_first, a.grid)
         if a.dry_run or a.status:
             for cell in cells:
                 if a.dry_run:
