@@ -466,6 +466,39 @@ def trainer_study_main(argv: list[str] | None = None, prog: str | None = None) -
     return guarded(go)
 
 
+# ----------------------------------------------------------------------------------------------- bias-study
+BIAS_STUDY_HELP = """The real biases at convergence: paired tables, learning-rate and learning-curve figures and the
+Markdown section from grids that declare `comparisons` (each arm against its reference arm).
+
+    bert-accum grid configs/study_bugs_converged.yaml --glue_dir /path/to/glue --parallel 2
+    bert-accum grid configs/study_mlm_converged.yaml --glue_dir /path/to/glue --parallel 2
+    bert-accum bias-study --study results/runs/bugs_converged configs/study_bugs_converged.yaml \
+                          --study results/runs/mlm_converged configs/study_mlm_converged.yaml
+
+Writes paired.csv, lr.csv, lr.png, curves.csv, curves.png and biases.md to --output_dir (include biases.md in
+the report with `report.py --section`). The logic lives in bert_accum.study.bias_study.
+"""
+
+
+def bias_study_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`bert-accum bias-study` (`scripts/bias_study.py`)."""
+    p = _parser(prog, BIAS_STUDY_HELP)
+    p.add_argument("--study", nargs=2, action="append", required=True, metavar=("RUNS_DIR", "GRID"),
+                   help="a grid's runs folder and its grid file (repeat for several grids)")
+    p.add_argument("--output_dir", default="results/biases", help="where the tables, figures and biases.md go")
+    a = p.parse_args(argv)
+
+    def go() -> None:
+        from pathlib import Path
+
+        from .study.bias_study import run_study
+
+        for path in run_study([(Path(d), Path(g)) for d, g in a.study], Path(a.output_dir)).values():
+            print(path)
+
+    return guarded(go)
+
+
 # ----------------------------------------------------------------------------------------------- bert-accum
 def _grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """`bert-accum grid`: `study.grid.grid_main`, imported when asked for."""
@@ -484,6 +517,7 @@ TOOLS: dict[str, tuple[Callable[..., int], str]] = {
     "norm-study": (norm_study_main, "BatchNorm vs LayerNorm/GroupNorm under accumulation"),
     "make-synthetic": (make_synthetic_main, "write the synthetic task in the GLUE layout"),
     "trainer-study": (trainer_study_main, "the HF Trainer study's tables, figure and section from its runs"),
+    "bias-study": (bias_study_main, "each bias of accumulation against its fix at convergence, from grid runs"),
 }
 
 

@@ -72,6 +72,9 @@ def test_expansion_order_names_and_configs(tmp_path):
     ({"tasks": [], "seeds": [1], "batches": [[8, 1]]}, "'tasks' must be"),
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "shared": {"seed": 3}}, "sets seed"),
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "task_overrides": {"cola": {}}}, "not in the grid"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": {"bug": "default"}}, "arm.s. bug that"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": {"default": "default"}}, "with itself"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": ["default"]}, "must map arm names"),
 ])
 def test_bad_grids_are_one_line_errors(raw, message):
     with pytest.raises(BertAccumError, match=message):

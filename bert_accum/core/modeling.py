@@ -128,3 +128,20 @@ def parameter_group(name: str) -> str:
     if top in ENCODER_PREFIXES or top in HEAD_MODULES:
         return "head"
     return top
+
+
+def masked_lm_logits(model, batch: dict, labels):
+    """(logits, labels) of the predicted tokens only (label != -100) of a masked-LM forward.
+
+    The vocabulary projection and the softmax are most of a masked-LM step on short text, and only the ~15%
+    masked positions are ever scored, so for heads that are one module applied per position (BERT's ``cls``,
+    RoBERTa's ``lm_head``) the head runs on those positions alone: the same loss and gradient, about half the
+    arithmetic. Other architectures compute every position's logits and select afterwards.
+    """
+    mask = labels != -100
+    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        return model(**batch).logits[mask], labels[mask]
+    hidden = base(**batch).last_hidden_state
+    return head(hidden[mask]), labels[mask]

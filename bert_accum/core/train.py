@@ -33,6 +33,7 @@ from .checkpoint import (TrainingProgress, check_resume_config, load_checkpoint,
                          save_checkpoint)
 from .config import TrainConfig
 from ..errors import BertAccumError, NonFiniteLossError
+from .modeling import masked_lm_logits
 from .records import RunRecorder, create_output_dir, prepare_output_dir
 from .setup import RunSetup, final_metrics, setup
 from .windows import window_examples
@@ -245,8 +246,11 @@ def accumulate_window(model, micro_batches, *, epoch: int, dropout, kind: str, l
         ctx = contextlib.nullcontext() if sync or no_sync is None else no_sync()
         with ctx:
             with autocast() if autocast is not None else contextlib.nullcontext():
-                logits = model(**batch).logits
-            loss_sum, micro_items = per_item_loss(logits, labels, kind, compute_dtype)
+                if kind == "mlm":
+                    logits, scored = masked_lm_logits(model, batch, labels)
+                else:
+                    logits, scored = model(**batch).logits, labels
+            loss_sum, micro_items = per_item_loss(logits, scored, kind, compute_dtype)
             scale = micro_loss_scale(
                 normalization=loss_normalization, micro_items=max(micro_items, 1), micro_examples=len(labels),
                 window_items=window_items, window_examples=window_examples, accumulation_steps=accumulation_steps,
@@ -274,7 +278,10 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     rank = accelerator.process_index
     everyone = window_examples(window)
     micro_batches = [collate(micro[rank], everyone, epoch) for micro in window]
-    local_items = count_items(micro_batches, kind)
+    # Items per micro-batch (examples, or masked tokens for MLM): how unequal the micro-batches a mean of
+    # means weights equally are.
+    micro_items = [count_items([m], kind) for m in micro_batches]
+    local_items = sum(micro_items)
     window_items = local_items
     if W > 1:
         window_items = int(accelerator.reduce(torch.tensor(local_items, device=accelerator.device), "sum"))
@@ -330,6 +337,7 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     return {
         "loss": window_loss,
         "items": window_items,
+        "micro_items": micro_items,
         "examples": int(stats[3]),
         "micro_steps": n_micro,
         "grad_norm": grad_norm,
@@ -420,11 +428,11 @@ def _evaluate_mlm(model, collate, accelerator, cfg) -> dict[str, float]:
         batch = {k: v.to(accelerator.device) for k, v in collate(chunk, chunk, epoch=0).items()}
         labels = batch.pop("labels")
         batch.pop("example_ids")
-        logits = model(**batch).logits.float()
-        mask = labels != -100
-        totals[0] += F.cross_entropy(logits[mask], labels[mask], reduction="sum").double()
-        totals[1] += (logits[mask].argmax(-1) == labels[mask]).sum()
-        totals[2] += mask.sum()
+        logits, labels = masked_lm_logits(model, batch, labels)
+        logits = logits.float()
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        totals[1] += (logits.argmax(-1) == labels).sum()
+        totals[2] += labels.numel()
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals, "sum")
     loss = float(totals[0] / totals[2])

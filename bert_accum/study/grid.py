@@ -26,6 +26,8 @@ count as converged; the grid only records both, the report reads them.
 ``"sst2/default sst2/floor_dropout"``) sets the order of computation when the grid is run without ``--cell``:
 the cells of the first entry (seed-major among themselves), then those of the next, then every other cell. It
 spends a limited CPU budget on the comparisons that matter most first; cell indices do not change.
+``comparisons`` ({arm: reference arm}) declares which arm each arm is judged against, cell by cell (same task,
+(B, N) and seed): e.g. every bug arm against the correct loop (`bert-accum bias-study` reads it).
 
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
@@ -78,7 +80,7 @@ from ..errors import BertAccumError
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
     "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins", "reference_thresholds",
-    "run_first",
+    "run_first", "comparisons",
 }
 # Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
 ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
@@ -128,6 +130,8 @@ class GridSpec:
     """Per task: {metric: the final value the (E, 1) reference must reach}."""
     run_first: list[list[str]] = field(default_factory=list)
     """Groups of cell-name prefixes computed before the other cells, in this order."""
+    comparisons: dict[str, str] = field(default_factory=dict)
+    """{arm: the arm it is compared with at the same task, (B, N) and seed}."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -184,6 +188,7 @@ class GridSpec:
             equivalence_margins=_task_metric_values(raw.get("equivalence_margins"), f"{source}: equivalence_margins"),
             reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
             run_first=_run_first(raw.get("run_first"), source),
+            comparisons=_comparisons(raw.get("comparisons"), arms, source),
         )
 
     @classmethod
@@ -201,6 +206,21 @@ class GridSpec:
         if not isinstance(raw, dict):
             raise BertAccumError(f"{p}: a grid file is a YAML mapping")
         return cls.from_dict(raw, source=str(p))
+
+
+def _comparisons(value: Any, arms: dict[str, Any], source: str) -> dict[str, str]:
+    """``comparisons`` as {arm: reference arm}, both arms of the grid and never an arm against itself."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise BertAccumError(f"{source}: 'comparisons' must map arm names to reference arm names, got {value!r}")
+    for arm, ref in value.items():
+        unknown = [a for a in (arm, ref) if a not in arms]
+        if unknown:
+            raise BertAccumError(f"{source}: comparisons name arm(s) {', '.join(unknown)} that the grid does not have")
+        if arm == ref:
+            raise BertAccumError(f"{source}: comparisons compares arm {arm} with itself")
+    return dict(value)
 
 
 def _run_first(value: Any, source: str) -> list[list[str]]:

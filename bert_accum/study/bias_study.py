@@ -1,0 +1,359 @@
+"""The real biases at convergence (issue 12): each known bias of gradient accumulation against its fix, paired by seed.
+
+Reads the run folders of grids whose file declares ``comparisons: {arm: reference arm}``:
+``configs/study_bugs_converged.yaml`` (every loop bug against the correct loop at the same (B, N), AdamW and plain
+SGD) and ``configs/study_mlm_converged.yaml`` (masked-LM: a mean of micro-batch means against global normalisation,
+with dropout and padding held fixed), and writes to the output folder (default ``results/biases``):
+
+* ``paired.csv``: per comparison x task x (B, N): pairs finished of planned, the reference's and the arm's final dev
+  metric, the paired difference with its 95% Student-t interval, the *detection limit* (the largest |effect| the
+  interval leaves possible), dev predictions that differ, the fraction of steps clipped in both arms, the final
+  learning rate of both, and for masked-LM the items per micro-batch and their spread;
+* ``lr.csv`` and ``lr.png``: the learning rate of every arm at every optimizer step (first seed), small multiples per
+  optimizer and (B, N);
+* ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm;
+* ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --section``).
+
+A pair is two finished runs of the same grid cell name except the arm; they are refused (one line) when they differ
+in anything but the settings that distinguish the two arms in the grid file. Every file is headed by the command and
+commit that wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BertAccumError
+from .plumbing import fmt, header, provenance, t_interval, write_csv
+
+OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "sgd": "plain SGD"}
+
+# What each bias is, in one sentence, and how to remove it: this project's flag, the HF Trainer, a hand-written loop.
+BIASES: dict[str, dict[str, str]] = {
+    "mean_of_means": {
+        "title": "Per-token loss averaged as a mean of micro-batch means",
+        "mechanism": "each micro-batch's loss is the mean over its own masked tokens and the N means are averaged, "
+                     "so a token in a micro-batch with few masked tokens weighs more than one in a micro-batch with "
+                     "many: the accumulated gradient is not the large batch's mean over all tokens.",
+        "fix": "`--loss_normalization global` here (sum of token losses / the window's token count); with the HF "
+               "Trainer, a model whose forward accepts `num_items_in_batch` (BERT's does not in transformers 5, so "
+               "the stock Trainer scales it by N instead: see the Trainer section) or "
+               "`bert_accum.ExactAccumulationTrainer`; in a hand-written loop, "
+               "`loss = token_losses.sum() / tokens_in_window` with `tokens_in_window` counted over all N "
+               "micro-batches (and all processes) before the first backward.",
+    },
+    "step_mod_boundaries": {
+        "title": "Optimizer step on `micro_step % N == 0` counted across epochs",
+        "mechanism": "the counter does not restart with the epoch, so window boundaries drift: an epoch opens with "
+                     "a window of fewer micro-batches, and each micro-batch loss is still divided by N, so that "
+                     "window's update is too small.",
+        "fix": "step when `(step + 1) % N == 0 or step + 1 == len(dataloader)` with `step` counted per epoch (the HF "
+               "examples), or let `accelerator.accumulate` decide; this project plans windows per epoch.",
+    },
+    "schedule_sized_in_micro_batches": {
+        "title": "LR schedule sized in micro-batches, stepped per optimizer step",
+        "mechanism": "`num_training_steps = len(dataloader) * epochs` counts micro-batches, so the schedule is N "
+                     "times too long: warmup lasts N times longer and the learning rate is still near its peak when "
+                     "training ends.",
+        "fix": "size it in optimizer steps: `math.ceil(len(dataloader) / N) * epochs` (as the HF examples and "
+               "Trainer do); this project always does.",
+    },
+    "scheduler_stepped_per_micro_batch": {
+        "title": "`lr_scheduler.step()` on every micro-batch",
+        "mechanism": "the schedule is sized in optimizer steps but advanced N times per optimizer step, so warmup "
+                     "ends N times too early and the learning rate reaches zero after 1/N of training.",
+        "fix": "call `lr_scheduler.step()` inside the `if` that calls `optimizer.step()` (an accelerate-prepared "
+               "scheduler steps only when gradients sync).",
+    },
+    "last_window_1_over_n": {
+        "title": "A short last window divided by N",
+        "mechanism": "every micro-batch loss is divided by N, also in an epoch's last window of fewer than N "
+                     "micro-batches, so that window's gradient is scaled down by (micro-batches in it)/N; AdamW "
+                     "largely normalises the scale away, plain SGD takes a smaller step.",
+        "fix": "divide by the number of micro-batches (or items) actually in the window "
+               "(`--loss_normalization global` here; the HF Trainer counts the window's items when the model "
+               "accepts `num_items_in_batch`).",
+    },
+    "clip_per_micro_batch": {
+        "title": "Gradient clipping after every micro-batch",
+        "mechanism": "`clip_grad_norm_` inside the micro-batch loop clips the partial sum after each backward, so "
+                     "early micro-batches are shrunk again by every later clip and the window's gradient is no "
+                     "longer the clipped large-batch gradient.",
+        "fix": "clip once per window, right before `optimizer.step()` (`if accelerator.sync_gradients: "
+               "accelerator.clip_grad_norm_(...)`); the HF Trainer and this project do.",
+    },
+}
+PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
+                "n", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
+                "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
+                "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
+LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
+CURVE_COLUMNS = ("arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
+
+
+@dataclass
+class BiasStudy:
+    """One grid's finished runs and its declared comparisons."""
+
+    name: str
+    grid_file: str
+    runs: list[Any]
+    planned: list[Any]
+    arms: dict[str, dict[str, Any]]
+    comparisons: dict[str, str]
+    thresholds: dict[str, dict[str, float]]
+    unfinished: list[str]
+
+
+def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
+    """A grid's runs (checked against its cells by the report's reader) and its ``comparisons``."""
+    from .grid import GridSpec
+    from .report import load_converged
+
+    spec = GridSpec.load(grid_file)
+    if not spec.comparisons:
+        raise BertAccumError(f"{grid_file}: no 'comparisons' key, so no arm is compared with another")
+    study = load_converged(Path(runs_dir), grid_file)
+    return BiasStudy(name=study.name, grid_file=str(grid_file), runs=study.runs, planned=study.planned,
+                     arms=spec.arms, comparisons=spec.comparisons, thresholds=spec.reference_thresholds,
+                     unfinished=study.unfinished)
+
+
+def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
+    """The bias an arm reproduces against its reference: its bug mode, or ``mean_of_means``."""
+    from ..controls.bugs import canonical_bug_names
+
+    bugs = [b for b in canonical_bug_names(arm_values.get("bug_modes")) if b not in (ref_values.get("bug_modes") or [])]
+    if len(bugs) == 1:
+        return bugs[0]
+    if not bugs and arm_values.get("loss_normalization", "mean_of_means") == "mean_of_means" \
+            and ref_values.get("loss_normalization") == "global":
+        return "mean_of_means"
+    raise BertAccumError(f"cannot name the bias of arm settings {arm_values} against {ref_values}: "
+                         "one bug mode, or mean_of_means against global, per comparison")
+
+
+def _optimizer(run) -> str:
+    return OPTIMIZER_NAMES.get(run.config.get("optim", "adamw_torch"), run.config.get("optim", "adamw_torch"))
+
+
+def _clipped_fraction(run) -> float:
+    return statistics.fmean(bool(s.get("clipped")) for s in run.steps) if run.steps else math.nan
+
+
+def _items_spread(run) -> tuple[float, float]:
+    """(mean items per micro-batch, mean within-window coefficient of variation) from the step rows' micro_items."""
+    means, cvs = [], []
+    for s in run.steps:
+        items = s.get("micro_items") or []
+        if len(items) > 1 and statistics.fmean(items) > 0:
+            means.append(statistics.fmean(items))
+            cvs.append(statistics.pstdev(items) / statistics.fmean(items))
+    return (statistics.fmean(means), statistics.fmean(cvs)) if means else (math.nan, math.nan)
+
+
+def verdict(n: int, lo: float, hi: float) -> str:
+    """'a bias (95% interval excludes 0)', 'below the detection limit' or 'too few pairs'."""
+    if n < 2 or math.isnan(lo):
+        return "too few pairs"
+    return "a bias (95% interval excludes 0)" if lo > 0 or hi < 0 else "below the detection limit"
+
+
+def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
+    """Paired differences (arm - reference, same cell seed) of the final dev metric per comparison x task x (B, N)."""
+    from .report import check_pair, param_distance
+
+    by_cell = {(r.task, r.arm, r.bn, r.cell_seed): r for r in study.runs}
+    rows = []
+    for arm, ref in study.comparisons.items():
+        compared = {k for k in set(study.arms[arm]) | set(study.arms[ref])
+                    if study.arms[arm].get(k) != study.arms[ref].get(k)}
+        bias = bias_of(study.arms[arm], study.arms[ref])
+        cells = sorted({(c.task, (c.micro_batch_size, c.accumulation_steps)) for c in study.planned if c.arm == arm})
+        for task, bn in cells:
+            planned = sorted(c.seed for c in study.planned
+                             if c.arm == arm and c.task == task and (c.micro_batch_size, c.accumulation_steps) == bn)
+            pairs = [(by_cell[(task, arm, bn, s)], by_cell[(task, ref, bn, s)]) for s in planned
+                     if (task, arm, bn, s) in by_cell and (task, ref, bn, s) in by_cell]
+            for a, b in pairs:
+                check_pair(a, b, compared)
+            diffs = [a.metric - b.metric for a, b in pairs]
+            lo, hi = (float(x) for x in t_interval(diffs)) if len(diffs) > 1 else (math.nan, math.nan)
+            flips = [sum(x != y for x, y in zip(a.final_predictions, b.final_predictions))
+                     for a, b in pairs if a.final_predictions is not None and b.final_predictions is not None]
+            spread = [_items_spread(a) for a, _ in pairs]
+            metric = pairs[0][0].metric_name if pairs else ""
+            rows.append({
+                "bias": bias, "arm": arm, "reference": ref,
+                "optimizer": _optimizer(pairs[0][0]) if pairs else "",
+                "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "metric": metric,
+                "n": len(pairs), "planned": len(planned),
+                "reference_mean": statistics.fmean(b.metric for _, b in pairs) if pairs else math.nan,
+                "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
+                "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
+                "detection_limit": max(abs(lo), abs(hi)) if not math.isnan(lo) else math.nan,
+                "verdict": verdict(len(diffs), lo, hi), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                "mean_disagreements": statistics.fmean(flips) if flips else math.nan,
+                "clipped_fraction_arm": statistics.fmean(_clipped_fraction(a) for a, _ in pairs) if pairs else math.nan,
+                "clipped_fraction_reference": statistics.fmean(_clipped_fraction(b) for _, b in pairs) if pairs else math.nan,
+                "final_lr_arm": pairs[0][0].steps[-1]["learning_rate"] if pairs and pairs[0][0].steps else math.nan,
+                "final_lr_reference": pairs[0][1].steps[-1]["learning_rate"] if pairs and pairs[0][1].steps else math.nan,
+                # ||theta_arm - theta_ref|| / ||theta_ref - theta_0|| from the parameter fingerprints (NaN without)
+                "param_distance": statistics.fmean(param_distance(a, b) for a, b in pairs) if pairs else math.nan,
+                "items_per_micro_batch": statistics.fmean(m for m, _ in spread) if spread else math.nan,
+                "items_cv_within_window": statistics.fmean(c for _, c in spread) if spread else math.nan,
+            })
+    return rows
+
+
+def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
+    """The learning rate at every optimizer step of each arm x (B, N), for its first finished seed."""
+    first: dict[tuple, Any] = {}
+    for r in sorted(study.runs, key=lambda r: r.cell_seed):
+        first.setdefault((r.arm, r.bn), r)
+    return [{"arm": arm, "optimizer": _optimizer(r), "micro_batch_size": bn[0], "accumulation_steps": bn[1],
+             "seed": r.cell_seed, "optimizer_step": s["optimizer_step"], "learning_rate": s["learning_rate"]}
+            for (arm, bn), r in sorted(first.items()) for s in r.steps]
+
+
+def curve_rows(study: BiasStudy) -> list[dict[str, Any]]:
+    """Seed means of the dev metric at every evaluation, per arm x task x (B, N)."""
+    groups: dict[tuple, dict[int, list[float]]] = {}
+    metric_of: dict[tuple, str] = {}
+    for r in study.runs:
+        key = (r.arm, r.task, r.bn)
+        metric_of[key] = r.metric_name
+        for e in r.evals:
+            if r.metric_name in e:
+                groups.setdefault(key, {}).setdefault(e["optimizer_step"], []).append(float(e[r.metric_name]))
+    return [{"arm": arm, "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "optimizer_step": step,
+             "n": len(vals), "metric": metric_of[(arm, task, bn)], "value_mean": statistics.fmean(vals)}
+            for (arm, task, bn), by_step in sorted(groups.items()) for step, vals in sorted(by_step.items())]
+
+
+def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title) -> Path:
+    """One panel per value of `panel_keys`, one line per arm (full arm names in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({tuple(r[k] for k in panel_keys) for r in rows})
+    arms = sorted({r["arm"] for r in rows})
+    colours = dict(zip(arms, plt.cm.tab10.colors * 3))
+    cols = min(len(panels), 3) or 1
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols) or 1, cols, figsize=(5.4 * cols, 3.8 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for arm in arms:
+            mine = [r for r in rows if r["arm"] == arm and tuple(r[k] for k in panel_keys) == panel]
+            if mine:
+                ax.plot([r[x] for r in mine], [r[y] for r in mine], color=colours[arm], lw=1.3,
+                        ls="-" if arm in ("correct", "sgd_correct", "global") else "--", label=arm)
+        ax.set_title(title(panel), fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.text(0.01, 0.003, head, fontsize=6, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=100, metadata={"Description": head})
+    plt.close(fig)
+    return path
+
+
+def _effect(row: dict[str, Any]) -> str:
+    if row["n"] == 0:
+        return "no pairs yet"
+    if math.isnan(row["ci95_lo"]):
+        return f"{row['mean_diff']:+.4f} (one pair)"
+    return f"{row['mean_diff']:+.4f} [{row['ci95_lo']:+.4f}, {row['ci95_hi']:+.4f}]"
+
+
+def _reading(row: dict[str, Any]) -> str:
+    if row["verdict"].startswith("a bias"):
+        return "a bias: the 95% interval excludes 0"
+    if row["verdict"] == "below the detection limit":
+        return f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95%)"
+    return "too few pairs for an interval"
+
+
+def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, figures: dict[str, str]) -> str:
+    """The section "The real biases at convergence": a summary table, then one subsection per bias."""
+    lines = [header(head, markdown=True), "", "## The real biases at convergence", ""]
+    for s in studies:
+        done = len(s.runs)
+        thr = "; ".join(f"{t} {m} ≥ {v:g}" for t, mv in s.thresholds.items() for m, v in mv.items()) or "none stated"
+        refs = [r for r in s.runs if r.arm in set(s.comparisons.values())]
+        below = [r for r in refs for t, mv in s.thresholds.items() for m, v in mv.items()
+                 if r.task == t and r.metric_name == m and not r.metric >= v]
+        lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
+                     f"{len(s.unfinished)} started and unfinished; reference bar {thr}: "
+                     f"{len(refs) - len(below)} of {len(refs)} finished reference runs clear it"
+                     + (f" ({len(below)} below it, kept in the tables)" if below else "") + ".")
+    lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N) and all three seeds; "
+              "mean and 95% Student-t interval). *Detection limit*: the largest |effect| the interval leaves "
+              "possible; a bias whose interval includes 0 is reported as below it. *Parameter distance*: "
+              "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs.", "",
+              "| bias | optimizer | task | (B, N) | n / planned | reference | arm − reference [95% CI] | reading | "
+              "clipped (arm / ref) | final LR (arm / ref) | parameter distance |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in pairs:
+        lines.append(
+            f"| {r['bias']} | {r['optimizer']} | {r['task']} | ({r['micro_batch_size']},{r['accumulation_steps']}) | "
+            f"{r['n']} / {r['planned']} | {fmt(r['reference_mean'])} {r['metric']} | {_effect(r)} | {_reading(r)} | "
+            f"{fmt(r['clipped_fraction_arm'], 2)} / {fmt(r['clipped_fraction_reference'], 2)} | "
+            f"{fmt(r['final_lr_arm'], 3)} / {fmt(r['final_lr_reference'], 3)} | {fmt(r['param_distance'], 3)} |")
+    for key, fig in figures.items():
+        lines += ["", f"![{key}]({fig})"]
+    for bias, text in BIASES.items():
+        mine = [r for r in pairs if r["bias"] == bias]
+        if not mine:
+            continue
+        lines += ["", f"### {text['title']}", "", f"**Mechanism.** The {text['mechanism']}", ""]
+        for r in mine:
+            extra = ""
+            if not math.isnan(r["items_cv_within_window"]):
+                extra = (f" Items per micro-batch: {r['items_per_micro_batch']:.1f} on average, spread within a window "
+                         f"(coefficient of variation) {r['items_cv_within_window']:.3f}.")
+            lines.append(f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']}), "
+                         f"n = {r['n']} of {r['planned']}: {r['arm']} − {r['reference']} = {_effect(r)} "
+                         f"{r['metric']}: {_reading(r)}." + extra)
+        lines += ["", f"**Fix.** {text['fix']}"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str | None = None) -> dict[str, Path]:
+    """Read every (runs folder, grid file), write the tables, figures and biases.md to `output_dir`."""
+    studies = [load_study(d, g) for d, g in pairs_of]
+    head = provenance(command)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pairs = [row for s in studies for row in pair_rows(s)]
+    lrs = [{**row, "arm": f"{s.name}/{row['arm']}" if len(studies) > 1 else row["arm"]}
+           for s in studies for row in lr_rows(s)]
+    curves = [row for s in studies for row in curve_rows(s)]
+    files = {"pairs": output_dir / "paired.csv", "lr": output_dir / "lr.csv", "curves": output_dir / "curves.csv",
+             "markdown": output_dir / "biases.md"}
+    write_csv(files["pairs"], pairs, head, PAIR_COLUMNS)
+    write_csv(files["lr"], lrs, head, LR_COLUMNS)
+    write_csv(files["curves"], curves, head, CURVE_COLUMNS)
+    figures = {}
+    if lrs:
+        files["lr_figure"] = _small_multiples(
+            lrs, "optimizer_step", "learning_rate", ("optimizer", "micro_batch_size", "accumulation_steps"),
+            output_dir / "lr.png", head, "learning rate", lambda p: f"{p[0]}, B={p[1]} x N={p[2]} (first seed)")
+        figures["Learning rate per optimizer step, every arm"] = files["lr_figure"].name
+    if curves:
+        files["curves_figure"] = _small_multiples(
+            curves, "optimizer_step", "value_mean", ("task", "metric", "micro_batch_size", "accumulation_steps"),
+            output_dir / "curves.png", head, "dev metric (seed mean)", lambda p: f"{p[0]} {p[1]}, B={p[2]} x N={p[3]}")
+        figures["Dev metric over training, seed means, every arm"] = files["curves_figure"].name
+    files["markdown"].write_text(markdown(studies, pairs, head, figures))
+    return files

@@ -1,0 +1,97 @@
+"""The bias study pairs each arm with its reference arm cell by cell and writes tables, figures and a section."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import yaml
+
+from bert_accum.errors import BertAccumError
+from bert_accum.study.bias_study import bias_of, load_study, pair_rows, run_study, verdict
+from bert_accum.core.train import run
+from bert_accum.study.grid import GridSpec, expand
+
+
+@pytest.fixture(scope="module")
+def bug_grid(tmp_path_factory, tiny_model_dir, synthetic_glue_dir):
+    root = tmp_path_factory.mktemp("bias")
+    raw = {
+        "name": "bugs", "runs_dir": str(root / "runs" / "bugs"), "tasks": ["synthetic"], "batches": [[2, 4]],
+        "seeds": [1, 2, 3],
+        "arms": {"correct": {}, "scheduler_stepped_per_micro_batch": {"bug_modes": ["scheduler_stepped_per_micro_batch"]},
+                 "sgd_correct": {"optim": "sgd", "learning_rate": 0.05, "max_grad_norm": 0},
+                 "sgd_last_window_1_over_n": {"optim": "sgd", "learning_rate": 0.05, "max_grad_norm": 0,
+                                              "bug_modes": ["last_window_1_over_n"]}},
+        "comparisons": {"scheduler_stepped_per_micro_batch": "correct", "sgd_last_window_1_over_n": "sgd_correct"},
+        "reference_thresholds": {"synthetic": {"accuracy": 0.0}},
+        "shared": {"glue_dir": synthetic_glue_dir, "model_name_or_path": tiny_model_dir, "max_length": 32,
+                   "max_train_samples": 20, "num_train_epochs": 1, "warmup_ratio": 0.2, "learning_rate": 1e-3,
+                   "eval_steps": 0.5, "per_device_eval_batch_size": 32,
+                   "fingerprint_steps": [0, 3], "fingerprint_dim": 64},
+    }
+    grid = root / "bugs.yaml"
+    grid.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # the grid's own cells, trained in this process (the grid runner's subprocesses are tested in test_grid.py)
+    for cell in expand(GridSpec.load(grid))[:-1]:  # seed 3's last cell left unfinished
+        run(cell.config)
+    return root, grid
+
+
+def test_pairs_are_cells_of_the_same_seed_and_unfinished_ones_are_counted(bug_grid):
+    root, grid = bug_grid
+    study = load_study(root / "runs" / "bugs", grid)
+    rows = {r["arm"]: r for r in pair_rows(study)}
+    sched, sgd = rows["scheduler_stepped_per_micro_batch"], rows["sgd_last_window_1_over_n"]
+    assert (sched["n"], sched["planned"], sgd["n"], sgd["planned"]) == (3, 3, 2, 3)
+    by = {(r.arm, r.cell_seed): r.metric for r in study.runs}
+    diffs = [by[("sgd_last_window_1_over_n", s)] - by[("sgd_correct", s)] for s in (1, 2)]
+    assert sgd["mean_diff"] == pytest.approx(sum(diffs) / 2)
+    assert sgd["bias"] == "last_window_1_over_n" and sched["bias"] == "scheduler_stepped_per_micro_batch"
+    # 20 examples at E = 8: windows of 8, 8, 4; the schedule stepped per micro-batch ends at a lower LR
+    assert sched["final_lr_arm"] < sched["final_lr_reference"]
+    assert sgd["optimizer"] == "plain SGD" and sched["optimizer"] == "AdamW"
+    assert sched["param_distance"] > 0  # another learning-rate sequence ends elsewhere
+
+
+def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tmp_path):
+    root, grid = bug_grid
+    files = run_study([(root / "runs" / "bugs", grid)], tmp_path / "out", command="bias-study test")
+    for key in ("pairs", "lr", "curves"):
+        first = files[key].read_text().splitlines()[0]
+        assert first.startswith("# command: bias-study test | git_commit:")
+    with files["pairs"].open() as fh:
+        rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    assert {r["bias"] for r in rows} == {"scheduler_stepped_per_micro_batch", "last_window_1_over_n"}
+    text = files["markdown"].read_text()
+    assert text.startswith("<!-- command: bias-study test")
+    assert "### `lr_scheduler.step()` on every micro-batch" in text and "**Fix.**" in text
+    assert "11 of 12 planned runs finished" in text
+    assert files["lr_figure"].stat().st_size > 0 and files["curves_figure"].stat().st_size > 0
+
+
+def test_a_pair_that_differs_in_another_setting_is_refused(bug_grid, tmp_path):
+    root, grid = bug_grid
+    study = load_study(root / "runs" / "bugs", grid)
+    odd = next(r for r in study.runs if r.arm == "correct" and r.cell_seed == 1)
+    odd.config = {**odd.config, "weight_decay": 0.5}
+    with pytest.raises(BertAccumError, match="weight_decay"):
+        pair_rows(study)
+
+
+def test_verdict_and_bias_names():
+    assert verdict(5, 0.001, 0.02).startswith("a bias") and verdict(5, -0.03, -0.001).startswith("a bias")
+    assert verdict(5, -0.01, 0.02) == "below the detection limit"
+    assert verdict(1, math.nan, math.nan) == "too few pairs"
+    assert bias_of({"bug_modes": ["scheduler_in_micro_steps"]}, {}) == "schedule_sized_in_micro_batches"
+    assert bias_of({"objective": "mlm", "loss_normalization": "mean_of_means"},
+                   {"objective": "mlm", "loss_normalization": "global"}) == "mean_of_means"
+    with pytest.raises(BertAccumError):
+        bias_of({"dropout": "invariant"}, {})
+
+
+def test_a_grid_without_comparisons_is_refused(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]]}))
+    with pytest.raises(BertAccumError, match="no 'comparisons'"):
+        load_study(tmp_path, grid)
