@@ -125,7 +125,7 @@ def test_report_files_are_written_with_headers_and_numbers(study):
             "difference that excludes 0 (n = 3 seeds per cell): rte.default.B8_N4.") in text
     assert "clip_per_micro_batch" in text and "| 5 | 4 |" in text  # the bug's optimizer steps vs the correct loop's
     # a range whose ends print the same prints once (was "rte: 1.000–1.000")
-    assert "rte: 1.000 of the seed floor" in text and "1.000–1.000" not in text
+    assert "rte: 1.000 of the dropout-only floor" in text and "1.000–1.000" not in text
     for fig in ("paired_diff_study.png", "grad_norm_study_rte.png", "param_distance_study_rte.png"):
         path = out / "study/figures" / fig
         assert path.stat().st_size > 1000 and f"(study/figures/{fig})" in text
@@ -374,7 +374,7 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
     # a task is shown its own probe table only
-    assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the seed floor" in text
+    assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the one-step dropout-only floor" in text
     assert "- stsb: no probe table of this task and objective" in text
     # how the runs were made comes from config.json / environment.json, not from prose
     assert "learning rate 0.0001 (linear" in text and "max_train_samples 64" in text and "on test-cpu at commit(s) abc123" in text
@@ -499,10 +499,13 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
     root, grid, _ = converged
     section = tmp_path / "trainer.md"
     section.write_text("<!-- command: python scripts/trainer_study.py | git_commit: abc -->\n## The Hugging Face Trainer\n\n"
-                       "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n")
+                       "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n\n![norms](grad_norms.png) "
+                       "[upstream](https://github.com/huggingface/transformers)\n")
     text = _build(root, grid, tmp_path / "out", sections=[str(section)]).read_text()
     body = text.index("## The Hugging Face Trainer")
     assert "4.000x" in text and text.index("command: python scripts/trainer_study.py | git_commit: abc", body) > body
+    # the section's own files are linked from where REPORT.md is, not from where the section was written
+    assert "![norms](../grad_norms.png)" in text and "(https://github.com/huggingface/transformers)" in text
     unheaded = tmp_path / "plain.md"
     unheaded.write_text("## Typed by hand\n")
     with pytest.raises(BertAccumError, match="provenance"):

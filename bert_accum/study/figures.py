@@ -1,7 +1,7 @@
 """The report's figures, drawn from the numbers dict (and, for early-training runs, from their run folders):
 small multiples with full arm names in the labels and a legend in every figure.
 
-  attribution.png            each cause's one-step effect (probe) as a ratio to the seed floor, log scale
+  attribution.png            each cause's one-step effect (probe) as a ratio to the dropout-only floor, log scale
   forest_<study>.png         TOST forest plot: paired differences, 90% intervals, ±margin
   scatter_<study>.png        per-seed (B, N) final metric against (E, 1), y = x, trivial baseline, floor pairs
   curves_<study>.png         learning curves from eval.jsonl, mean over finished seeds
@@ -80,7 +80,7 @@ def _grid(n: int, width: float = 4.6, height: float = 3.6, cols: int = 3):
 
 
 def attribution(nums: dict[str, Any], probes: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """One panel per probe table: every probe arm's ratio to the seed floor per (B, N), log scale."""
+    """One panel per probe table: every probe arm's ratio to the dropout-only floor per (B, N), log scale."""
     plt = _plt()
     tables = sorted(probes)
     fig, axes = _grid(len(tables), width=6.0, height=4.0)
@@ -99,11 +99,11 @@ def attribution(nums: dict[str, Any], probes: dict[str, list[dict[str, Any]]], p
                             xs.append(j + (i - (len(bns) - 1) / 2) * 0.12)
                             ys.append(v)
             ax.scatter(xs, ys, color=colours[bn], s=22, label=f"B={bn[0]}, N={bn[1]}", zorder=3)
-        ax.axhline(1.0, color="grey", lw=1, ls="--", label="seed floor (two dropout seeds of (E, 1))")
+        ax.axhline(1.0, color="grey", lw=1, ls="--", label="dropout-only floor (two dropout seeds of (E, 1))")
         ax.set_yscale("log")
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels([f"{a}\n({nums.get(f'probe.{name}.{a}.kind', '')})" for a in arms], rotation=35, ha="right", fontsize=7)
-        ax.set_ylabel("one-step ||g − g(E,1)|| / seed floor")
+        ax.set_ylabel("one-step ||g − g(E,1)|| / dropout-only floor")
         ax.set_title(f"probe {name} ({nums.get(f'probe.{name}.task')}, {nums.get(f'probe.{name}.objective')})", fontsize=9)
         ax.grid(alpha=0.3, which="both", axis="y")
     handles, labels = axes[0].get_legend_handles_labels()

@@ -621,6 +621,20 @@ class ReportInputs:
     provenance comment; appended after the converged study with that provenance kept beside them."""
 
 
+def rebase_links(body: str, section_dir: Path, out_dir: Path) -> str:
+    """Markdown links and images of a section written in `section_dir` made relative to `out_dir`, where the
+    report that includes it lives (absolute paths, URLs and #anchors are left alone)."""
+    rel = Path(os.path.relpath(section_dir.resolve(), out_dir.resolve()))
+
+    def fix(m: re.Match) -> str:
+        target = m.group(2)
+        if re.match(r"[a-z][a-z0-9+.-]*:|/|#", target):
+            return m.group(0)
+        return f"{m.group(1)}({(rel / target).as_posix()})"
+
+    return re.sub(r"(\[[^\]]*\])\(([^)\s]+)\)", fix, body)
+
+
 def read_section(path: Path) -> tuple[str, str, str]:
     """(path, provenance, body) of a Markdown section file whose first line is its `<!-- command: ... -->` header;
     a section that does not say how it was made is refused."""
@@ -663,6 +677,7 @@ def build_report(inp: ReportInputs) -> Path:
     extra = [read_section(Path(p)) for p in inp.sections]
     prov = provenance(inp.command or command_line(), git_commit())
     out = Path(inp.output_dir) if inp.output_dir else default_output_dir()
+    extra = [(p, head, rebase_links(body, Path(p).parent, out)) for p, head, body in extra]
 
     nums = numbers.compute(converged, early, probes, Path(inp.batchnorm_dir) if inp.batchnorm_dir else None,
                            prov, glue_dir=inp.glue_dir)

@@ -196,8 +196,8 @@ SETUP_NONE = "No converged study in this report."
 SETUP_TASK_NONE = "- **{task}**: no run started yet (settings are read from run folders once they exist)."
 
 CONV_HEAD = "## 1. The converged study `{s}`: final outcomes"
-PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dropout alone {dropout:range3} of the seed "
-                 "floor, the default loop {default:range3}, everything off {controlled:range3}.")
+PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dropout alone {dropout:range3} of the "
+                 "one-step dropout-only floor, the default loop {default:range3}, everything off {controlled:range3}.")
 PROBE_OF_TASK_NONE = "- {task}: no probe table of this task and objective (another task's probe is not used for it)."
 TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
 TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict"]
@@ -251,9 +251,9 @@ TOY = ("One weight w = 1, loss −(w·x)² per example, examples x = 4 and x = 2
        "padding changes tensor shapes, a per-token loss averages over different counts, float additions are not "
        "associative, and loops get the bookkeeping wrong.")
 ATTR_HEAD = "### Drift attribution at a glance"
-ATTR_COLS = ["cause", "switch that removes it", "probe table", "one step: ratio to seed floor", "one step: rel L2", "kind"]
+ATTR_COLS = ["cause", "switch that removes it", "probe table", "one step: ratio to dropout-only floor", "one step: rel L2", "kind"]
 ATTR_NOTE = ("One step: the probe's accumulated gradient of (B, N) against the (E, 1) gradient of the same arm, as "
-             "relative L2 and as a ratio to the seed floor (two dropout seeds of (E, 1)), min–max over (B, N); each "
+             "relative L2 and as a ratio to the dropout-only floor (two dropout seeds of (E, 1)), min–max over (B, N); each "
              "row is read from the probe table of its own task. `systematic`: a deterministic cause more than "
              "{factor:g}× the fp32 round-off of the everything-off arm; `random`: a cause that redraws dropout masks.")
 PROBE_ITEM = "{table}: {value:range3}"
@@ -272,11 +272,11 @@ CAUSE_TEXT = {
     "bf16": "",
 }
 CAUSE_PROBE = {
-    "dropout": ("- One step, standard dropout with every other cause off: {ratio} of the seed floor; everything off: "
+    "dropout": ("- One step, standard dropout with every other cause off: {ratio} of the dropout-only floor; everything off: "
                 "{controlled}."),
-    "padding": ("- One step, dynamic instead of window padding with everything else off: {ratio} of the seed floor, "
+    "padding": ("- One step, dynamic instead of window padding with everything else off: {ratio} of the dropout-only floor, "
                 "relative L2 {rel}."),
-    "loss_averaging": "- One step, mean_of_means with everything else off: {ratio} of the seed floor, relative L2 {rel}.",
+    "loss_averaging": "- One step, mean_of_means with everything else off: {ratio} of the dropout-only floor, relative L2 {rel}.",
     "fp32_order": ("- fp32 with every cause off (one step): relative L2 {rel}; the same in float64: {fp64}: the fp32 "
                    "difference is summation order, nothing else."),
     "bf16": "- bf16 autocast (one step): relative L2 {rel}.",
@@ -318,7 +318,7 @@ EARLY_NOTE = ("Columns: `mean ± std` over seeds; `paired diff` and its 95% Stud
 EARLY_NONE = "No early-training study in this report."
 FIGURE = "![{caption}]({path})"
 FIGURE_CAPTIONS = {
-    "attribution": "Drift attribution: each cause's one-step effect as a ratio to the seed floor",
+    "attribution": "Drift attribution: each cause's one-step effect as a ratio to the dropout-only floor",
     "forest": "TOST forest plot: paired differences with 90% intervals against the margins",
     "scatter": "Per-seed final metrics: (B, N) against (E, 1)",
     "curves": "Learning curves: dev metric over optimizer steps, mean over finished seeds",
