@@ -37,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..controls.bugs import canonical_bug_names
 from ..errors import BertAccumError
 from . import stats
 from .plumbing import mean_std
@@ -606,7 +607,7 @@ def _answer(nums: dict[str, Any]) -> None:
          random=[c for c in nums["cause.ids"] if nums[f"cause.{c}.random_in"] and not nums[f"cause.{c}.systematic_in"]],
          roundoff=[c for c in nums["cause.ids"] if nums[f"cause.{c}.roundoff_in"] and not nums[f"cause.{c}.systematic_in"]
                    and not nums[f"cause.{c}.random_in"]],
-         bugs=[nums[f"{k}.arm"][4:] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"]])
+         bugs=canonical_bug_names([nums[f"{k}.arm"][4:] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"]]))
     # Sizes per task (a fraction of dev labels and an RMS of regression outputs do not share a scale).
     tasks = list(dict.fromkeys(nums[f"{k}.task"] for k in pairs))
     nums["answer.tasks"] = tasks

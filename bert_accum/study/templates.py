@@ -154,7 +154,8 @@ ANSWER_EQUIV = ("3. **Equivalence** (TOST, 90% interval inside ±margin): of {an
 ANSWER_CAUSES = ("4. **Which causes are real biases?** One step (the probe, per table): systematic, a real bias: "
                  "{systematic}; random, like a new dropout draw: {random}; round-off: {roundoff}.{bugs}")
 ANSWER_CAUSES_NONE = "4. **Which causes are real biases?** No probe tables in this report."
-ANSWER_BUGS = " Loop bugs whose early-training effect excludes 0: {bugs}."
+ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 (early training, not a final "
+               "outcome): {bugs}.")
 ANSWER_ACT = {
     "variance": ("5. **What to do.** Accumulate as usual: at these sizes it costs no more than another dropout seed. "
                  "To make (B, N) reproduce (E, 1) instead, {exact}"),
