@@ -36,7 +36,7 @@ OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "sgd": 
 BIASES: dict[str, dict[str, str]] = {
     "mean_of_means": {
         "title": "Per-token loss averaged as a mean of micro-batch means",
-        "mechanism": "each micro-batch's loss is the mean over its own masked tokens and the N means are averaged, "
+        "mechanism": "Each micro-batch's loss is the mean over its own masked tokens and the N means are averaged, "
                      "so a token in a micro-batch with few masked tokens weighs more than one in a micro-batch with "
                      "many: the accumulated gradient is not the large batch's mean over all tokens.",
         "fix": "`--loss_normalization global` here (sum of token losses / the window's token count); with the HF "
@@ -48,7 +48,7 @@ BIASES: dict[str, dict[str, str]] = {
     },
     "step_mod_boundaries": {
         "title": "Optimizer step on `micro_step % N == 0` counted across epochs",
-        "mechanism": "the counter does not restart with the epoch, so window boundaries drift: an epoch opens with "
+        "mechanism": "The counter does not restart with the epoch, so window boundaries drift: an epoch opens with "
                      "a window of fewer micro-batches, and each micro-batch loss is still divided by N, so that "
                      "window's update is too small.",
         "fix": "step when `(step + 1) % N == 0 or step + 1 == len(dataloader)` with `step` counted per epoch (the HF "
@@ -64,14 +64,14 @@ BIASES: dict[str, dict[str, str]] = {
     },
     "scheduler_stepped_per_micro_batch": {
         "title": "`lr_scheduler.step()` on every micro-batch",
-        "mechanism": "the schedule is sized in optimizer steps but advanced N times per optimizer step, so warmup "
+        "mechanism": "The schedule is sized in optimizer steps but advanced N times per optimizer step, so warmup "
                      "ends N times too early and the learning rate reaches zero after 1/N of training.",
         "fix": "call `lr_scheduler.step()` inside the `if` that calls `optimizer.step()` (an accelerate-prepared "
                "scheduler steps only when gradients sync).",
     },
     "last_window_1_over_n": {
         "title": "A short last window divided by N",
-        "mechanism": "every micro-batch loss is divided by N, also in an epoch's last window of fewer than N "
+        "mechanism": "Every micro-batch loss is divided by N, also in an epoch's last window of fewer than N "
                      "micro-batches, so that window's gradient is scaled down by (micro-batches in it)/N; AdamW "
                      "largely normalises the scale away, plain SGD takes a smaller step.",
         "fix": "divide by the number of micro-batches (or items) actually in the window "
@@ -316,12 +316,12 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
         mine = [r for r in pairs if r["bias"] == bias]
         if not mine:
             continue
-        lines += ["", f"### {text['title']}", "", f"**Mechanism.** The {text['mechanism']}", ""]
+        lines += ["", f"### {text['title']}", "", f"**Mechanism.** {text['mechanism']}", ""]
         for r in mine:
             extra = ""
-            if not math.isnan(r["items_cv_within_window"]):
-                extra = (f" Items per micro-batch: {r['items_per_micro_batch']:.1f} on average, spread within a window "
-                         f"(coefficient of variation) {r['items_cv_within_window']:.3f}.")
+            if bias == "mean_of_means" and not math.isnan(r["items_cv_within_window"]):
+                extra = (f" Masked tokens per micro-batch: {r['items_per_micro_batch']:.1f} on average, spread within a "
+                         f"window (coefficient of variation) {r['items_cv_within_window']:.3f}.")
             lines.append(f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']}), "
                          f"n = {r['n']} of {r['planned']}: {r['arm']} − {r['reference']} = {_effect(r)} "
                          f"{r['metric']}: {_reading(r)}." + extra)
