@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bert_accum.errors import BertAccumError
-from bert_accum.study.bias_study import bias_of, load_study, pair_rows, run_study, verdict
+from bert_accum.study.bias_study import bias_of, holm, load_study, pair_rows, run_study, verdict
 from bert_accum.core.train import run
 from bert_accum.study.grid import GridSpec, expand
 
@@ -79,10 +79,12 @@ def test_a_pair_that_differs_in_another_setting_is_refused(bug_grid, tmp_path):
         pair_rows(study)
 
 
-def test_verdict_and_bias_names():
-    assert verdict(5, 0.001, 0.02).startswith("a bias") and verdict(5, -0.03, -0.001).startswith("a bias")
-    assert verdict(5, -0.01, 0.02) == "below the detection limit"
-    assert verdict(1, math.nan, math.nan) == "too few pairs"
+def test_verdict_holm_and_bias_names():
+    assert verdict(5, 0.01) == "a bias" and verdict(5, 0.2) == "below the detection limit"
+    assert verdict(1, math.nan) == "too few pairs"
+    # Holm by hand: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04); NaN is no test
+    assert holm([0.04, math.nan, 0.01, 0.02]) == pytest.approx([0.04, math.nan, 0.03, 0.04], nan_ok=True)
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
     assert bias_of({"bug_modes": ["scheduler_in_micro_steps"]}, {}) == "schedule_sized_in_micro_batches"
     assert bias_of({"objective": "mlm", "loss_normalization": "mean_of_means"},
                    {"objective": "mlm", "loss_normalization": "global"}) == "mean_of_means"

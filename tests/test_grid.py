@@ -75,6 +75,9 @@ def test_expansion_order_names_and_configs(tmp_path):
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": {"bug": "default"}}, "arm.s. bug that"),
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": {"default": "default"}}, "with itself"),
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "comparisons": ["default"]}, "must map arm names"),
+    ({"tasks": ["rte"], "seeds": [1, 2], "batches": [[8, 1]], "arms": {"a": {}, "b": {"seeds": [1]}},
+      "comparisons": {"a": "b"}}, "not planned for every seed of arm a"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "run_first": ["rte/defualt"]}, "run_first prefix"),
 ])
 def test_bad_grids_are_one_line_errors(raw, message):
     with pytest.raises(BertAccumError, match=message):
@@ -453,6 +456,7 @@ def test_run_first_orders_computation_without_changing_indices(tmp_path, tiny_mo
 
 @pytest.mark.parametrize("run_first, message", [
     (["synthetic/contrlled"], "matches no cell"),
+    (["synthetic/controlled/B4_N2"], "matches no cell"),
     ("synthetic/default", "must be a list"),
     ([""], "must be a list"),
 ])

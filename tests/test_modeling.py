@@ -121,3 +121,25 @@ def test_hub_flags_offline_say_what_is_missing(monkeypatch):
         load_tokenizer_and_model("no-such-org/no-such-model", get_task("sst2"), "classification", revision="v2")
     message = str(info.value)
     assert "HF_HUB_OFFLINE=1" in message and "--model_revision" in message and "\n" not in message
+
+
+def test_masked_lm_logits_score_only_masked_positions_through_the_models_own_forward(tiny_model_dir):
+    """Same logits as scoring every position, the top-level forward still runs (autocast, DDP and dropout hooks
+    hang there), and the head's pre-hook is gone afterwards."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from bert_accum.core.modeling import masked_lm_logits
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(5, 40, (3, 9))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2], labels[0, 5] = ids[:, 2], 7
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(out.logits.shape))
+    logits, scored = masked_lm_logits(model, batch, labels)
+    assert calls == [torch.Size([4, model.config.vocab_size])]  # the head saw the 4 masked positions only
+    assert scored.tolist() == labels[labels != -100].tolist()
+    torch.testing.assert_close(logits, model(**batch).logits[labels != -100], rtol=1e-5, atol=1e-6)
+    assert not model.cls._forward_pre_hooks

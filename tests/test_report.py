@@ -513,6 +513,16 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
     assert not (tmp_path / "out2").exists()
 
 
+def test_rebase_links_moves_relative_targets_only():
+    from bert_accum.study.report import rebase_links
+
+    body = ('![a](f.png) [t](lr.png "title") [![i](i.png)](big.png) [u](HTTPS://x.org) [h](#part) [p](/abs/x) '
+            '`x[0](1)`\n```\n[c](code.png)\n```')
+    got = rebase_links(body, Path("results/biases"), Path("results"))
+    assert got == ('![a](biases/f.png) [t](biases/lr.png "title") [![i](biases/i.png)](biases/big.png) '
+                   '[u](HTTPS://x.org) [h](#part) [p](/abs/x) `x[0](1)`\n```\n[c](code.png)\n```')
+
+
 def test_regenerating_into_the_early_tables_folder_keeps_them(converged, tmp_path):
     """--early_csv results/study with --output_dir results: the converged study's tables get their own names, so
     the committed early tables the report reads back are not replaced by it."""

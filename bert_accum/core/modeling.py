@@ -130,18 +130,29 @@ def parameter_group(name: str) -> str:
     return top
 
 
+# Masked-LM models whose head is one module applied per position, right before the logits are returned: only
+# for these may the head run on the masked positions alone.
+_PER_POSITION_HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
+
+
 def masked_lm_logits(model, batch: dict, labels):
     """(logits, labels) of the predicted tokens only (label != -100) of a masked-LM forward.
 
     The vocabulary projection and the softmax are most of a masked-LM step on short text, and only the ~15%
-    masked positions are ever scored, so for heads that are one module applied per position (BERT's ``cls``,
-    RoBERTa's ``lm_head``) the head runs on those positions alone: the same loss and gradient, about half the
-    arithmetic. Other architectures compute every position's logits and select afterwards.
+    masked positions are ever scored, so for BERT and RoBERTa heads a forward pre-hook hands the head those
+    positions alone: the same loss and gradient up to float round-off, about 1.5x faster. The model's own forward
+    still runs (so accelerate's autocast, DDP, dropout hooks and everything after the head apply as always);
+    other architectures score every position and select afterwards.
     """
     mask = labels != -100
-    head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
-    base = getattr(model, "base_model", None)
-    if head is None or base is None or base is model:
+    inner = getattr(model, "module", model)  # DDP and similar wrappers
+    config = getattr(inner, "config", None)
+    head = getattr(inner, _PER_POSITION_HEADS.get(getattr(config, "model_type", None), ""), None)
+    if head is None:
         return model(**batch).logits[mask], labels[mask]
-    hidden = base(**batch).last_hidden_state
-    return head(hidden[mask]), labels[mask]
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][mask], *args[1:]))
+    try:
+        logits = model(**batch).logits
+    finally:
+        handle.remove()
+    return logits, labels[mask]

@@ -5,7 +5,7 @@
       environment.json   package versions, git commit, device, process count, precision
       steps.jsonl        one row per optimizer step
       eval.jsonl         one row per evaluation
-      fingerprints.npz   parameter fingerprints at chosen optimizer steps (when asked)
+      fingerprints/      parameter fingerprints at chosen optimizer steps, step_NNNNNNN.npy (when asked)
       predictions.json   dev-set predictions of the latest evaluation (classification and regression)
       final_metrics.json status, last evaluation, throughput
       checkpoints/       plain-data checkpoints for --checkpointing_steps (see core/checkpoint.py)

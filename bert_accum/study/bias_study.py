@@ -39,26 +39,31 @@ BIASES: dict[str, dict[str, str]] = {
         "mechanism": "Each micro-batch's loss is the mean over its own masked tokens and the N means are averaged, "
                      "so a token in a micro-batch with few masked tokens weighs more than one in a micro-batch with "
                      "many: the accumulated gradient is not the large batch's mean over all tokens.",
-        "fix": "`--loss_normalization global` here (sum of token losses / the window's token count); with the HF "
-               "Trainer, a model whose forward accepts `num_items_in_batch` (BERT's does not in transformers 5, so "
-               "the stock Trainer scales it by N instead: see the Trainer section) or "
-               "`bert_accum.ExactAccumulationTrainer`; in a hand-written loop, "
-               "`loss = token_losses.sum() / tokens_in_window` with `tokens_in_window` counted over all N "
-               "micro-batches (and all processes) before the first backward.",
+        "fix": "`--loss_normalization global` here (sum of token losses / the window's token count). With the HF "
+               "Trainer: a model whose loss uses `num_items_in_batch` (BERT's masked-LM head in transformers 5 "
+               "accepts the argument but ignores it, and the Trainer then skips its division by N, so the gradient "
+               "is N times a mean of means: see the Trainer section), or `Trainer(compute_loss_func=...)` returning "
+               "the token-loss sum divided by `num_items_in_batch`, or `bert_accum.ExactAccumulationTrainer`. In a "
+               "hand-written loop: `loss = token_losses.sum() / tokens_in_window`, with `tokens_in_window` counted "
+               "over the window's N micro-batches and all W processes before the first backward, times W under DDP "
+               "(which averages gradients over processes), and times N if `accelerator.backward` divides by N "
+               "(`Accelerator(gradient_accumulation_steps=N)`).",
     },
     "step_mod_boundaries": {
-        "title": "Optimizer step on `micro_step % N == 0` counted across epochs",
-        "mechanism": "The counter does not restart with the epoch, so window boundaries drift: an epoch opens with "
-                     "a window of fewer micro-batches, and each micro-batch loss is still divided by N, so that "
-                     "window's update is too small.",
-        "fix": "step when `(step + 1) % N == 0 or step + 1 == len(dataloader)` with `step` counted per epoch (the HF "
-               "examples), or let `accelerator.accumulate` decide; this project plans windows per epoch.",
+        "title": "Optimizer step on `micro_step % N == 0` with `micro_step` counted from 0",
+        "mechanism": "The off-by-one makes the first window of every epoch a single micro-batch and shifts every "
+                     "later window by one, so one extra optimizer step per epoch is taken on 1/N of a batch (its "
+                     "loss still divided by N: a small step under plain SGD; Adam's first update does not depend on "
+                     "gradient scale) and the epoch's last window changes size.",
+        "fix": "step when `(step + 1) % N == 0 or step + 1 == len(dataloader)` with `step` counted from 0 per "
+               "epoch (the HF examples), or let `accelerator.accumulate` decide; this project plans windows per "
+               "epoch.",
     },
     "schedule_sized_in_micro_batches": {
         "title": "LR schedule sized in micro-batches, stepped per optimizer step",
         "mechanism": "`num_training_steps = len(dataloader) * epochs` counts micro-batches, so the schedule is N "
-                     "times too long: warmup lasts N times longer and the learning rate is still near its peak when "
-                     "training ends.",
+                     "times too long: warmup lasts N times longer (at large N longer than training) and the learning "
+                     "rate ends far above 0.",
         "fix": "size it in optimizer steps: `math.ceil(len(dataloader) / N) * epochs` (as the HF examples and "
                "Trainer do); this project always does.",
     },
@@ -72,11 +77,13 @@ BIASES: dict[str, dict[str, str]] = {
     "last_window_1_over_n": {
         "title": "A short last window divided by N",
         "mechanism": "Every micro-batch loss is divided by N, also in an epoch's last window of fewer than N "
-                     "micro-batches, so that window's gradient is scaled down by (micro-batches in it)/N; AdamW "
-                     "largely normalises the scale away, plain SGD takes a smaller step.",
+                     "micro-batches, so that one window's gradient is scaled down by (micro-batches in it)/N; only "
+                     "one optimizer step per epoch is affected, which bounds the effect whatever the optimizer "
+                     "(Adam cancels a scale that persists over steps, not a one-off one).",
         "fix": "divide by the number of micro-batches (or items) actually in the window "
-               "(`--loss_normalization global` here; the HF Trainer counts the window's items when the model "
-               "accepts `num_items_in_batch`).",
+               "(`--loss_normalization global` here; the HF Trainer counts the window's items when the model's "
+               "loss uses `num_items_in_batch`); with `Accelerator(gradient_accumulation_steps=N)`, "
+               "`accelerator.backward` divides by N whatever the window holds, so rescale the last window's loss.",
     },
     "clip_per_micro_batch": {
         "title": "Gradient clipping after every micro-batch",
@@ -89,10 +96,10 @@ BIASES: dict[str, dict[str, str]] = {
 }
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
                 "n", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
-                "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
+                "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
 LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
-CURVE_COLUMNS = ("arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
+CURVE_COLUMNS = ("study", "arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
 
 
 @dataclass
@@ -127,7 +134,8 @@ def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
     """The bias an arm reproduces against its reference: its bug mode, or ``mean_of_means``."""
     from ..controls.bugs import canonical_bug_names
 
-    bugs = [b for b in canonical_bug_names(arm_values.get("bug_modes")) if b not in (ref_values.get("bug_modes") or [])]
+    bugs = [b for b in canonical_bug_names(arm_values.get("bug_modes"))
+            if b not in canonical_bug_names(ref_values.get("bug_modes"))]
     if len(bugs) == 1:
         return bugs[0]
     if not bugs and arm_values.get("loss_normalization", "mean_of_means") == "mean_of_means" \
@@ -156,11 +164,34 @@ def _items_spread(run) -> tuple[float, float]:
     return (statistics.fmean(means), statistics.fmean(cvs)) if means else (math.nan, math.nan)
 
 
-def verdict(n: int, lo: float, hi: float) -> str:
-    """'a bias (95% interval excludes 0)', 'below the detection limit' or 'too few pairs'."""
-    if n < 2 or math.isnan(lo):
+def verdict(n: int, p_holm: float) -> str:
+    """'a bias' (Holm-adjusted p < 0.05 over all comparisons of the study), 'below the detection limit' or
+    'too few pairs'."""
+    if n < 2 or math.isnan(p_holm):
         return "too few pairs"
-    return "a bias (95% interval excludes 0)" if lo > 0 or hi < 0 else "below the detection limit"
+    return "a bias" if p_holm < 0.05 else "below the detection limit"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN and does not count as a test)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = running
+    return out
+
+
+def _p_value(diffs: list[float]) -> float:
+    """Two-sided one-sample t test of zero mean; 1 when every difference is 0, NaN below 2 pairs."""
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return math.nan
+    if all(d == diffs[0] for d in diffs):
+        return 1.0 if diffs[0] == 0 else 0.0
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
 def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
@@ -196,7 +227,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
                 "detection_limit": max(abs(lo), abs(hi)) if not math.isnan(lo) else math.nan,
-                "verdict": verdict(len(diffs), lo, hi), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                "p_value": _p_value(diffs), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
                 "mean_disagreements": statistics.fmean(flips) if flips else math.nan,
                 "clipped_fraction_arm": statistics.fmean(_clipped_fraction(a) for a, _ in pairs) if pairs else math.nan,
                 "clipped_fraction_reference": statistics.fmean(_clipped_fraction(b) for _, b in pairs) if pairs else math.nan,
@@ -207,6 +238,10 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "items_per_micro_batch": statistics.fmean(m for m, _ in spread) if spread else math.nan,
                 "items_cv_within_window": statistics.fmean(c for _, c in spread) if spread else math.nan,
             })
+    # Many comparisons are judged at once: a bias is claimed only at a Holm-adjusted 5% over all of them.
+    for row, p in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_holm"] = p
+        row["verdict"] = verdict(row["n"], p)
     return rows
 
 
@@ -230,13 +265,13 @@ def curve_rows(study: BiasStudy) -> list[dict[str, Any]]:
         for e in r.evals:
             if r.metric_name in e:
                 groups.setdefault(key, {}).setdefault(e["optimizer_step"], []).append(float(e[r.metric_name]))
-    return [{"arm": arm, "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "optimizer_step": step,
+    return [{"study": study.name, "arm": arm, "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "optimizer_step": step,
              "n": len(vals), "metric": metric_of[(arm, task, bn)], "value_mean": statistics.fmean(vals)}
             for (arm, task, bn), by_step in sorted(groups.items()) for step, vals in sorted(by_step.items())]
 
 
-def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title) -> Path:
-    """One panel per value of `panel_keys`, one line per arm (full arm names in the legend)."""
+def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title, references: set[str]) -> Path:
+    """One panel per value of `panel_keys`, one line per arm (full arm names in the legend; reference arms solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +288,7 @@ def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str,
             mine = [r for r in rows if r["arm"] == arm and tuple(r[k] for k in panel_keys) == panel]
             if mine:
                 ax.plot([r[x] for r in mine], [r[y] for r in mine], color=colours[arm], lw=1.3,
-                        ls="-" if arm in ("correct", "sgd_correct", "global") else "--", label=arm)
+                        ls="-" if arm in references else "--", label=arm)
         ax.set_title(title(panel), fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -277,29 +312,32 @@ def _effect(row: dict[str, Any]) -> str:
 
 
 def _reading(row: dict[str, Any]) -> str:
-    if row["verdict"].startswith("a bias"):
-        return "a bias: the 95% interval excludes 0"
+    if row["verdict"] == "a bias":
+        return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":
-        return f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95%)"
+        return (f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95% interval; "
+                f"Holm-adjusted p = {row['p_holm']:.2g})")
     return "too few pairs for an interval"
 
 
 def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, figures: dict[str, str]) -> str:
     """The section "The real biases at convergence": a summary table, then one subsection per bias."""
-    lines = [header(head, markdown=True), "", "## The real biases at convergence", ""]
+    lines = [header(head, markdown=True), "", "## The real biases at the end of training", ""]
     for s in studies:
         done = len(s.runs)
-        thr = "; ".join(f"{t} {m} ≥ {v:g}" for t, mv in s.thresholds.items() for m, v in mv.items()) or "none stated"
+        thr = "; ".join(f"{t} {m} ≥ {v:g}" for t, mv in s.thresholds.items() for m, v in mv.items())
         refs = [r for r in s.runs if r.arm in set(s.comparisons.values())]
         below = [r for r in refs for t, mv in s.thresholds.items() for m, v in mv.items()
                  if r.task == t and r.metric_name == m and not r.metric >= v]
+        bar = (f"reference bar {thr}: {len(refs) - len(below)} of {len(refs)} finished reference runs clear it"
+               + (f" ({len(below)} below it, kept in the tables)" if below else "") if thr
+               else "no reference bar stated in the grid file")
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
-                     f"{len(s.unfinished)} started and unfinished; reference bar {thr}: "
-                     f"{len(refs) - len(below)} of {len(refs)} finished reference runs clear it"
-                     + (f" ({len(below)} below it, kept in the tables)" if below else "") + ".")
-    lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N) and all three seeds; "
-              "mean and 95% Student-t interval). *Detection limit*: the largest |effect| the interval leaves "
-              "possible; a bias whose interval includes 0 is reported as below it. *Parameter distance*: "
+                     f"{len(s.unfinished)} started and unfinished; {bar}.")
+    lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
+              "initialisation, data order and dropout seed; mean and 95% Student-t interval). A bias is claimed when the "
+              "t test of zero mean, Holm-adjusted over all the comparisons below, gives p < 0.05; otherwise the "
+              "*detection limit* is stated: the largest |effect| the 95% interval leaves possible. *Parameter distance*: "
               "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs.", "",
               "| bias | optimizer | task | (B, N) | n / planned | reference | arm − reference [95% CI] | reading | "
               "clipped (arm / ref) | final LR (arm / ref) | parameter distance |",
@@ -336,9 +374,12 @@ def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str 
     head = provenance(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = [row for s in studies for row in pair_rows(s)]
-    lrs = [{**row, "arm": f"{s.name}/{row['arm']}" if len(studies) > 1 else row["arm"]}
-           for s in studies for row in lr_rows(s)]
-    curves = [row for s in studies for row in curve_rows(s)]
+    def label(s: BiasStudy, arm: str) -> str:
+        return f"{s.name}/{arm}" if len(studies) > 1 else arm
+
+    lrs = [{**row, "arm": label(s, row["arm"])} for s in studies for row in lr_rows(s)]
+    references = {label(s, ref) for s in studies for ref in s.comparisons.values()}
+    curves = [{**row, "arm": label(s, row["arm"])} for s in studies for row in curve_rows(s)]
     files = {"pairs": output_dir / "paired.csv", "lr": output_dir / "lr.csv", "curves": output_dir / "curves.csv",
              "markdown": output_dir / "biases.md"}
     write_csv(files["pairs"], pairs, head, PAIR_COLUMNS)
@@ -348,12 +389,14 @@ def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str 
     if lrs:
         files["lr_figure"] = _small_multiples(
             lrs, "optimizer_step", "learning_rate", ("optimizer", "micro_batch_size", "accumulation_steps"),
-            output_dir / "lr.png", head, "learning rate", lambda p: f"{p[0]}, B={p[1]} x N={p[2]} (first seed)")
+            output_dir / "lr.png", head, "learning rate", lambda p: f"{p[0]}, B={p[1]} x N={p[2]} (first seed)",
+            references)
         figures["Learning rate per optimizer step, every arm"] = files["lr_figure"].name
     if curves:
         files["curves_figure"] = _small_multiples(
             curves, "optimizer_step", "value_mean", ("task", "metric", "micro_batch_size", "accumulation_steps"),
-            output_dir / "curves.png", head, "dev metric (seed mean)", lambda p: f"{p[0]} {p[1]}, B={p[2]} x N={p[3]}")
+            output_dir / "curves.png", head, "dev metric (seed mean)", lambda p: f"{p[0]} {p[1]}, B={p[2]} x N={p[3]}",
+            references)
         figures["Dev metric over training, seed means, every arm"] = files["curves_figure"].name
     files["markdown"].write_text(markdown(studies, pairs, head, figures))
     return files

@@ -187,8 +187,8 @@ class GridSpec:
             arm_seeds=arm_seeds, arm_batches=arm_batches, seed_offsets=offsets,
             equivalence_margins=_task_metric_values(raw.get("equivalence_margins"), f"{source}: equivalence_margins"),
             reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
-            run_first=_run_first(raw.get("run_first"), source),
-            comparisons=_comparisons(raw.get("comparisons"), arms, source),
+            run_first=_run_first(raw.get("run_first"), list(raw["tasks"]), arms, source),
+            comparisons=_comparisons(raw.get("comparisons"), arms, arm_seeds, arm_batches, source),
         )
 
     @classmethod
@@ -208,8 +208,10 @@ class GridSpec:
         return cls.from_dict(raw, source=str(p))
 
 
-def _comparisons(value: Any, arms: dict[str, Any], source: str) -> dict[str, str]:
-    """``comparisons`` as {arm: reference arm}, both arms of the grid and never an arm against itself."""
+def _comparisons(value: Any, arms: dict[str, Any], arm_seeds: dict[str, list[int]],
+                 arm_batches: dict[str, list[tuple[int, int]]], source: str) -> dict[str, str]:
+    """``comparisons`` as {arm: reference arm}: both arms of the grid, never an arm against itself, and the
+    reference planned for every seed and (B, N) of the arm (else some cells could never be paired)."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -220,17 +222,31 @@ def _comparisons(value: Any, arms: dict[str, Any], source: str) -> dict[str, str
             raise BertAccumError(f"{source}: comparisons name arm(s) {', '.join(unknown)} that the grid does not have")
         if arm == ref:
             raise BertAccumError(f"{source}: comparisons compares arm {arm} with itself")
+        for what, restricted in (("seed", arm_seeds), ("(B, N)", arm_batches)):
+            if ref not in restricted:
+                continue  # the reference runs every seed / (B, N) of the grid
+            if arm not in restricted or set(restricted[arm]) - set(restricted[ref]):
+                raise BertAccumError(f"{source}: comparisons: reference arm {ref} is not planned for every {what} of "
+                                     f"arm {arm}, so some of its cells could never be paired")
     return dict(value)
 
 
-def _run_first(value: Any, source: str) -> list[list[str]]:
-    """``run_first`` as groups of prefixes; each entry is text with one or more space-separated prefixes."""
+def _run_first(value: Any, tasks: list[str], arms: dict[str, Any], source: str) -> list[list[str]]:
+    """``run_first`` as groups of prefixes; each entry is text with one or more space-separated prefixes, each
+    starting with a task of the grid and, if it goes on, an arm of the grid (a typo is an error here, whatever
+    the command; `run_order` checks the rest against the cells)."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and v.split() for v in value):
         raise BertAccumError(f"{source}: 'run_first' must be a list of cell-name prefixes such as "
                              f"'sst2/default', got {value!r}")
-    return [v.split() for v in value]
+    groups = [v.split() for v in value]
+    for prefix in (p for group in groups for p in group):
+        parts = prefix.strip("/").split("/")
+        if parts[0] not in tasks or (len(parts) > 1 and parts[1] not in arms):
+            raise BertAccumError(f"{source}: run_first prefix {prefix!r} matches no cell of the grid "
+                                 "(it must start with one of its tasks, then one of its arms)")
+    return groups
 
 
 def run_order(cells: list[Cell], run_first: list[list[str]], source: str = "grid") -> list[Cell]:

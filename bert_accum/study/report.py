@@ -623,16 +623,19 @@ class ReportInputs:
 
 def rebase_links(body: str, section_dir: Path, out_dir: Path) -> str:
     """Markdown links and images of a section written in `section_dir` made relative to `out_dir`, where the
-    report that includes it lives (absolute paths, URLs and #anchors are left alone)."""
+    report that includes it lives (URLs of any scheme, absolute paths, #anchors and code are left alone)."""
     rel = Path(os.path.relpath(section_dir.resolve(), out_dir.resolve()))
 
     def fix(m: re.Match) -> str:
         target = m.group(2)
-        if re.match(r"[a-z][a-z0-9+.-]*:|/|#", target):
+        if re.match(r"[a-z][a-z0-9+.-]*:|/|#", target, re.I):
             return m.group(0)
-        return f"{m.group(1)}({(rel / target).as_posix()})"
+        return f"{m.group(1)}({(rel / target).as_posix()}{m.group(3) or ''})"
 
-    return re.sub(r"(\[[^\]]*\])\(([^)\s]+)\)", fix, body)
+    link = re.compile(r"(\])\(([^)\s]+)(\s+\"[^\"]*\")?\)")
+    # Odd pieces of a split on backticks are code spans (or fences): never rewritten.
+    pieces = re.split(r"(```.*?```|`[^`]*`)", body, flags=re.S)
+    return "".join(p if k % 2 else link.sub(fix, p) for k, p in enumerate(pieces))
 
 
 def read_section(path: Path) -> tuple[str, str, str]:
