@@ -64,6 +64,7 @@ def test_three_backends_write_run_folders_the_report_reads(train):
         assert set(_steps(reference)[0]) <= set(steps[0]), f"{backend}: step rows lack keys of the project's"
         assert set(_json(reference, "final_metrics.json")) <= set(_json(d, "final_metrics.json"))
         assert all(r["micro_steps"] == 4 and r["examples"] == 8 for r in steps)
+        assert all(r["micro_items"] == [2, 2, 2, 2] for r in steps)
         assert _json(d, "config.json")["backend"] == backend
         derived = _json(d, "config.json")["derived"]
         assert (derived["micro_batch_size"], derived["accumulation_steps"], derived["effective_batch_size"]) == (2, 4, 8)

@@ -98,6 +98,7 @@ class _Tally:
     backprop_loss: float = 0.0  # sum of the losses training_step backpropagated
     item_loss_sum: float = 0.0  # summed per-item loss, from the same logits
     items: int = 0
+    micro_items: list[int] = dataclasses.field(default_factory=list)  # items of each micro-batch, in order
     examples: int = 0
     micro_steps: int = 0
     real_tokens: int = 0
@@ -134,6 +135,7 @@ def _recording(base: type) -> type:
             t = self._tally
             t.item_loss_sum += float(total)
             t.items += int(items)
+            t.micro_items.append(int(items))
             t.examples += len(labels)
             t.real_tokens += int(mask.sum())
             t.padded_tokens += mask.numel()
@@ -353,6 +355,7 @@ class _StepRows(TrainerCallback):
             raise NonFiniteLossError(message)
         self.recorder.step({
             "loss": t.backprop_loss, "window_mean_loss": mean_loss, "loss_factor": factor, "items": t.items,
+            "micro_items": t.micro_items,
             "examples": t.examples, "micro_steps": t.micro_steps, **self._pre, "real_tokens": t.real_tokens,
             "padded_tokens": t.padded_tokens, "optimizer_step": step, "micro_step": self.micro_step, "epoch": epoch,
             "window_in_epoch": k, "examples_seen": self.examples_seen, "seconds": round(seconds, 6),
