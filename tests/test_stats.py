@@ -113,3 +113,10 @@ def test_trivial_baseline_per_metric():
     assert stats.trivial_baseline("f1", labels) == pytest.approx(2 * 0.75 / 1.75)
     assert stats.trivial_baseline("pearson", None) == 0.0 and stats.trivial_baseline("matthews_correlation", None) == 0.0
     assert math.isnan(stats.trivial_baseline("accuracy", None)) and math.isnan(stats.trivial_baseline("masked_accuracy", labels))
+
+
+def test_brown_forsythe_is_undefined_for_two_values_per_sample():
+    """Two values: both deviations from the median are equal, so the test has no within-sample spread to use."""
+    assert math.isnan(stats.brown_forsythe_p([0.1, 0.2], [0.3, 0.5]))
+    assert stats.brown_forsythe_p([0.1, 0.1], [0.2, 0.2]) == 1.0  # both constant: nothing differs
+    assert 0 < stats.brown_forsythe_p([0.1, 0.2, 0.4], [0.3, 0.5, 0.55]) <= 1

@@ -160,6 +160,14 @@ def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
     deviations = [abs(x - statistics.median(a)) for x in a] + [abs(x - statistics.median(b)) for x in b]
     if max(deviations) == 0:
         return 1.0  # both samples constant: no difference in spread to detect
+    def flat(sample: Sequence[float]) -> bool:
+        dev = [abs(x - statistics.median(sample)) for x in sample]
+        return max(dev) - min(dev) <= 1e-9 * max(max(dev), 1e-12)
+
+    # Deviations from the median all equal within both samples (always so for two values each): the test's
+    # denominator is zero up to rounding and its statistic is undefined.
+    if flat(a) and flat(b):
+        return NAN
     return float(stats.levene(a, b, center="median").pvalue)
 
 
