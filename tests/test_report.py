@@ -342,7 +342,9 @@ def test_a_partial_grid_states_n_and_never_claims_equivalence_below_ten_pairs(tm
     cell = "conv.sst2.e8.cell.default.B8_N1"
     assert nums[f"{cell}.unfinished_seeds"] == [8] and nums[f"{cell}.missing_seeds"] == []
     assert nums["conv.stsb.e8.floor.dropout.n"] == 9
-    assert nums["answer.state"] == "undecided" and nums["answer.undecided"] == 1 and nums["answer.equivalent"] == 1
+    # the decided stsb pair is stated, the sst2 pair waits (its TOST result is not claimed)
+    assert nums["answer.state"] == "partial" and nums["answer.undecided"] == 1 and nums["answer.equivalent"] == 1
+    assert nums["answer.waiting_pairs"] == [p] and p not in nums["answer.decided_pairs"]
 
 
 def _build(root: Path, grid: Path, out: Path, **kw):
@@ -369,7 +371,9 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     lines = text[answer:text.index("## How the runs were made")].strip().splitlines()[2:]
     assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
     # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
-    assert "1. **Not yet decidable.** Headline pairs finished: 19 of 20 (n = 9–10 of 10 per comparison)" in text
+    assert ("1. **Decided for 1 of 2 headline comparisons (stsb default (2, 4) vs (8, 1)): variance, not bias: "
+            "the paired differences have the spread of the dropout-only floor") in text
+    assert "Still waiting: sst2 default (2, 4) vs (8, 1) (n = 9 of 10 pairs so far, no verdict yet)." in text
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text

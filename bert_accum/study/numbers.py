@@ -587,17 +587,24 @@ def _answer(nums: dict[str, Any]) -> None:
     for k in pairs:
         verdicts[nums[f"{k}.verdict"] if nums[f"{k}.decided"] else "undecided"] += 1
     readings = [nums[f"{k}.spread.reading"] for k in decided]
+    if any(r.startswith("nonzero mean") for r in readings):
+        decided_state = "bias"
+    elif readings and all(r.startswith("same spread") for r in readings):
+        decided_state = "variance"
+    else:
+        decided_state = "spread" if readings else "undecided"
     if not pairs:
         state = "no data"
-    elif len(decided) < len(pairs):
+    elif not decided:
         state = "undecided"
-    elif any(r.startswith("nonzero mean") for r in readings):
-        state = "bias"
-    elif all(r.startswith("same spread") for r in readings):
-        state = "variance"
+    elif len(decided) < len(pairs):
+        state = "partial"  # some comparisons have their pairs: say what they show, and which wait
     else:
-        state = "spread"
+        state = decided_state
+    waiting = [k for k in pairs if not nums[f"{k}.decided"]]
     _put(nums, "answer", headline=pairs, n_headline=len(pairs), decided=len(decided), state=state,
+         decided_state=decided_state, decided_pairs=decided, waiting_pairs=waiting,
+         n_range_waiting=span(nums[f"{k}.n"] for k in waiting) if waiting else None,
          equivalent=verdicts["equivalent"], not_shown=verdicts["not shown equivalent"], different=verdicts["different"],
          undecided=verdicts["undecided"], n_range=span(nums[f"{k}.n"] for k in pairs),
          required=one_or_list(nums[f"{k}.required"] for k in pairs),

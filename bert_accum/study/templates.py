@@ -137,6 +137,15 @@ ANSWER_STATE = {
                   "(n = {answer.n_range:range} of {answer.required} per comparison); no verdict is stated below "
                   "{answer.required} pairs."),
     "no data": "1. **No converged study in this report**: nothing is said here about final outcomes.",
+    "partial": ("1. **Decided for {answer.decided} of {answer.n_headline} headline comparisons ({decided}): "
+                "{reading}** Still waiting: {waiting} (n = {answer.n_range_waiting:range} of {answer.required} pairs so "
+                "far, no verdict yet)."),
+}
+ANSWER_PARTIAL_READING = {
+    "variance": "variance, not bias: the paired differences have the spread of the dropout-only floor and a mean "
+                "indistinguishable from zero, as if dropout had been re-seeded.",
+    "bias": "a nonzero mean paired difference in {n_biased} of them ({biased}).",
+    "spread": "no nonzero mean, but a spread unlike the dropout-only floor's in some (see the spread table).",
 }
 ANSWER_SIZE_ABS = "{task}: mean |paired difference| {abs_diff:range} {metric}"
 ANSWER_SIZE_SD = "standard deviation {sd_ratio:range2}× the dropout-only floor's (floor sd {floor_sd:range})"
@@ -162,6 +171,8 @@ ANSWER_ACT = {
     "bias": "5. **What to do.** Do not swap (B, N) for (E, 1) where a bias is shown; to remove it, {exact}",
     "spread": "5. **What to do.** Check the spread table before relying on (B, N); to reproduce (E, 1), {exact}",
     "undecided": "5. **What to do** until the comparisons are decided: to reproduce (E, 1) exactly, {exact}",
+    "partial": ("5. **What to do.** Where decided, read line 1 (variance: accumulate as usual; a bias: do not swap "
+                "(B, N) for (E, 1) there); until the others are decided, to reproduce (E, 1) exactly, {exact}"),
     "no data": "5. **What to do.** To reproduce (E, 1) exactly, {exact}",
 }
 ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: largest |paired difference| "
@@ -346,8 +357,13 @@ def render(nums: dict[str, Any], figures: dict[str, str], sections: list[tuple[s
 def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     state = nums["answer.state"]
     line1 = "bias_all" if state == "bias" and len(nums["answer.biased"]) == nums["answer.decided"] else state
-    L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, n_biased=len(nums["answer.biased"]),
-                               biased=", ".join(_pair_name(nums, k) for k in nums["answer.biased"]))]
+    biased = dict(n_biased=len(nums["answer.biased"]), biased=", ".join(_pair_name(nums, k) for k in nums["answer.biased"]))
+    partial = {}
+    if state == "partial":
+        partial = dict(decided=", ".join(_pair_name(nums, k) for k in nums["answer.decided_pairs"]),
+                       waiting=", ".join(_pair_name(nums, k) for k in nums["answer.waiting_pairs"]),
+                       reading=fill(ANSWER_PARTIAL_READING[nums["answer.decided_state"]], nums, **biased))
+    L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, **biased, **partial)]
     sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
     L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
     L.append(fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE)
