@@ -120,3 +120,14 @@ def test_brown_forsythe_is_undefined_for_two_values_per_sample():
     assert math.isnan(stats.brown_forsythe_p([0.1, 0.2], [0.3, 0.5]))
     assert stats.brown_forsythe_p([0.1, 0.1], [0.2, 0.2]) == 1.0  # both constant: nothing differs
     assert 0 < stats.brown_forsythe_p([0.1, 0.2, 0.4], [0.3, 0.5, 0.55]) <= 1
+
+
+def test_a_mean_shared_with_the_floor_is_no_bias():
+    """Pair and floor differences both measured from the same (E, 1) runs: a shift both share (a lucky reference)
+    is not a bias once the mean is tested against the floor's, seed by seed."""
+    diffs = [-0.005 + 0.001 * k for k in (-2, -1, 0, 1, 2, -2, -1, 0, 1, 2)]
+    floor = [d + 0.0003 * (-1) ** k for k, d in enumerate(diffs)]
+    sp = stats.spread(diffs, floor)
+    assert sp.t_p < 0.05 and stats.reading(sp).startswith("nonzero mean")
+    matched = [d - f for d, f in zip(diffs, floor)]
+    assert stats.reading(sp, vs_floor_p=stats.t_p(matched)).startswith("same spread, zero mean")

@@ -407,8 +407,14 @@ def _against_floor(nums: dict[str, Any], key: str, floor: str | None) -> None:
         nums[f"{key}.spread.{f}"] = v
     sd_ratio = math.sqrt(result.var_ratio) if math.isfinite(result.var_ratio) else math.nan
     # Below the required number of pairs the reading is the gated verdict ("not yet decidable (n = k of m)").
-    reading = stats.reading(result) if nums[f"{key}.decided"] else nums[f"{key}.verdict"] if result.n else "no pairs yet"
-    _put(nums, f"{key}.spread", floor=floor or "", sd_ratio=sd_ratio, reading=reading)
+    # The mean against the floor's, seed by seed: (B,N)_i - floor_i = diff_i - floor_diff_i.
+    floor_by_seed = dict(zip(nums.get(f"{floor}.seeds", []), floor_diffs)) if floor else {}
+    matched = [d - floor_by_seed[s] for s, d in zip(nums[f"{key}.seeds"], nums[f"{key}.diffs"]) if s in floor_by_seed]
+    vs_floor_p = stats.t_p(matched) if len(matched) > 1 else math.nan
+    reading = (stats.reading(result, vs_floor_p=vs_floor_p) if nums[f"{key}.decided"] else nums[f"{key}.verdict"]
+               if result.n else "no pairs yet")
+    _put(nums, f"{key}.spread", floor=floor or "", sd_ratio=sd_ratio, reading=reading, vs_floor_n=len(matched),
+         vs_floor_mean=statistics.fmean(matched) if matched else math.nan, vs_floor_t_p=vs_floor_p)
     fm = nums.get(f"{floor}.disagreement.mean", math.nan) if floor else math.nan
     nums[f"{key}.disagreement.floor_mean"] = fm
     m = nums[f"{key}.disagreement.mean"]
@@ -431,7 +437,7 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                                     "verdict": nums[f"{k}.verdict"], "missing_seeds": " ".join(map(str, nums[f"{k}.missing_seeds"]))})
                 out["spread"].append({**base, **{f: nums[f"{k}.spread.{f}"] for f in (
                     "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "brown_forsythe_p",
-                    "t_p", "wilcoxon_p", "floor_t_p", "reading")}})
+                    "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_t_p", "reading")}})
                 out["disagreement"].append({**base, "n": nums[f"{k}.disagreement.n"], "mean": nums[f"{k}.disagreement.mean"],
                                             "sd": nums[f"{k}.disagreement.sd"], "floor_mean": nums[f"{k}.disagreement.floor_mean"],
                                             "ratio": nums[f"{k}.disagreement.ratio"]})

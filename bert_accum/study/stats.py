@@ -206,14 +206,19 @@ def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
                   wilcoxon_p(a) if len(a) > 1 else NAN, t_p(b))
 
 
-def reading(s: Spread, alpha: float = 0.05) -> str:
+def reading(s: Spread, alpha: float = 0.05, vs_floor_p: float = NAN) -> str:
     """What the spread and mean tests say, first that applies: 'nonzero mean (bias)' (t or Wilcoxon p < alpha);
     'smaller' / 'larger spread than the dropout floor' (the variance ratio's interval below / above 1) or 'spread
     unlike the dropout floor' (Brown-Forsythe p < alpha only); else 'same spread, zero mean: a dropout re-seed
     (variance, not bias)'. 'not decidable' below two values per sample."""
     if s.n < 2 or s.n_floor < 2:
         return "not decidable"
-    mean_shown = s.t_p < alpha or (not math.isnan(s.wilcoxon_p) and s.wilcoxon_p < alpha)
+    # Given, `vs_floor_p` tests the pair's differences against the floor's of the same seeds ((B,N)_i - floor_i):
+    # both are measured from the same (E, 1) runs, so a reference with a lucky dropout draw shifts both alike.
+    if not math.isnan(vs_floor_p):
+        mean_shown = vs_floor_p < alpha
+    else:
+        mean_shown = s.t_p < alpha or (not math.isnan(s.wilcoxon_p) and s.wilcoxon_p < alpha)
     spread_shown = s.brown_forsythe_p < alpha or not (s.var_ratio_low <= 1 <= s.var_ratio_high)
     if mean_shown:
         return "nonzero mean (bias)"

@@ -223,9 +223,11 @@ SPREAD_COLS = ["task", "E", "arm", "(B, N)", "n", "sd", "floor n", "floor sd", "
                "Brown–Forsythe p", "t p", "Wilcoxon p", "reading"]
 SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same init and data order. Brown–Forsythe "
                "(Levene about the median) tests equal spread, the variance ratio's 95% F interval shows its size; the "
-               "one-sample t and Wilcoxon signed-rank tests ask for a zero mean. Same spread and zero mean: the "
-               "drift is a dropout re-seed, variance and not bias. Both samples share the (E, 1) runs, so the tests, "
-               "which treat them as independent, are approximate. Table: `study/{s}_spread.csv`.")
+               "one-sample t and Wilcoxon signed-rank tests ask whether the mean is 0. The reading asks instead whether "
+               "the mean is the floor's: a paired t test of (B, N) against the floor run of the same seed (p in the "
+               "table's `vs_floor_t_p`), because both are measured from the same (E, 1) runs and a reference with a "
+               "lucky dropout draw shifts both alike. Same spread and the floor's mean: the drift is a dropout "
+               "re-seed, variance and not bias. Table: `study/{s}_spread.csv`.")
 DISAGREE_HEAD = "### Do paired runs predict the same dev labels?"
 DISAGREE_COLS = ["task", "E", "compared", "measure", "n", "paired runs", "dropout floor", "ratio"]
 DISAGREE_MEASURE = {False: "fraction of dev labels that differ", True: "RMS difference of dev predictions"}
