@@ -372,7 +372,7 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
     # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
     assert ("1. **Decided for 1 of 2 headline comparisons (stsb default (2, 4) vs (8, 1)): variance, not bias: "
-            "the paired differences have the spread of the dropout-only floor") in text
+            "the paired differences have the spread and the mean of the dropout-only floor's") in text
     assert "Still waiting: sst2 default (2, 4) vs (8, 1) (n = 9 of 10 pairs so far, no verdict yet)." in text
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
