@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BertAccumError
+from . import stats
 from .plumbing import fmt, header, provenance, t_interval, write_csv
 
 OPTIMIZER_NAMES = {"adamw_torch": "AdamW", "adamw_torch_fused": "AdamW", "sgd": "plain SGD"}
@@ -183,17 +184,6 @@ def holm(p_values: list[float]) -> list[float]:
     return out
 
 
-def _p_value(diffs: list[float]) -> float:
-    """Two-sided one-sample t test of zero mean; 1 when every difference is 0, NaN below 2 pairs."""
-    from scipy import stats
-
-    if len(diffs) < 2:
-        return math.nan
-    if all(d == diffs[0] for d in diffs):
-        return 1.0 if diffs[0] == 0 else 0.0
-    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
-
-
 def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
     """Paired differences (arm - reference, same cell seed) of the final dev metric per comparison x task x (B, N)."""
     from .report import check_pair, param_distance
@@ -227,7 +217,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
                 "detection_limit": max(abs(lo), abs(hi)) if not math.isnan(lo) else math.nan,
-                "p_value": _p_value(diffs), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                "p_value": stats.t_p(diffs), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
                 "mean_disagreements": statistics.fmean(flips) if flips else math.nan,
                 "clipped_fraction_arm": statistics.fmean(_clipped_fraction(a) for a, _ in pairs) if pairs else math.nan,
                 "clipped_fraction_reference": statistics.fmean(_clipped_fraction(b) for _, b in pairs) if pairs else math.nan,
