@@ -231,7 +231,8 @@ def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: se
         steps = 8
         derived = {"micro_batch_size": b, "accumulation_steps": n, "num_processes": 1, "effective_batch_size": b * n,
                    "task": cell.task, "total_optimizer_steps": steps, "train_examples": 64, "epochs": 1,
-                   "num_warmup_steps": 0, "model_path": "/site-packages/tiny_model/model",
+                   # stsb's runs stop half-way through their one epoch, as max_train_examples makes them do
+                   "optimizer_steps_per_epoch": 16 if cell.task == "stsb" else 8, "num_warmup_steps": 0, "model_path": "/site-packages/tiny_model/model",
                    "seeds": {"seed": cfg.seed, "data_seed": cfg.resolved_data_seed, "dropout_seed": cfg.resolved_dropout_seed}}
         (d / "config.json").write_text(json.dumps({**cfg.to_dict(), "derived": derived}))
         (d / "environment.json").write_text(json.dumps({"device": "cpu", "device_name": "test-cpu", "git_commit": "abc123",
@@ -308,6 +309,10 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.setup.learning_rate"] == 1e-4 and nums["conv.sst2.setup.max_train_samples"] == 64
     assert nums["conv.stsb.setup.max_train_examples"] == 64 and nums["conv.setup.devices"] == "test-cpu"
     assert nums["conv.sst2.e8.setup.total_optimizer_steps"] == 8
+    assert nums["conv.sst2.e8.setup.epochs_trained"] == 1.0 and nums["conv.stsb.e8.setup.epochs_trained"] == 0.5
+    from bert_accum.study.templates import render
+
+    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in render(nums, {})
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
     assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
     assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]

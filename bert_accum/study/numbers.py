@@ -204,6 +204,10 @@ def _task(nums: dict[str, Any], c: ConvergedStudy, task: str, glue_dir: str | No
         here = [cfg["derived"] for cfg in configs if cfg.get("derived", {}).get("effective_batch_size") == E]
         for k in ("train_examples", "total_optimizer_steps", "num_warmup_steps", "epochs"):
             nums[f"{e}.setup.{k}"] = one_or_list(d.get(k) for d in here)
+        # A run capped by max_train_examples stops inside its first epoch; "1 epoch" would overstate it.
+        nums[f"{e}.setup.epochs_trained"] = one_or_list(
+            round(d["total_optimizer_steps"] / d["optimizer_steps_per_epoch"], 3) for d in here
+            if d.get("total_optimizer_steps") and d.get("optimizer_steps_per_epoch"))
         at_e = sorted((k for k in keys if k[1] * k[2] * k[3] == E), key=lambda k: (*arm_rank(k[0]), k[2], -k[1]))
         nums[f"{e}.cells"] = [cell_label(*k) for k in at_e]
         for k in at_e:

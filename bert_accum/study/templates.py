@@ -200,8 +200,8 @@ SETUP_TASK = ("- **{task}**: model `{setup.model_name_or_path}` ({setup.model_pa
               "{setup.glue_dir}, max_train_samples {setup.max_train_samples:g}, max_train_examples "
               "{setup.max_train_examples:g}, num_train_epochs {setup.num_train_epochs:g}; {setup.dev_examples:g} dev "
               "examples; headline metric {metric}.")
-SETUP_E = ("  - E = {E}: {setup.train_examples} training examples, {setup.total_optimizer_steps} optimizer steps "
-           "({setup.num_warmup_steps} warmup), {setup.epochs} epoch(s).")
+SETUP_E = ("  - E = {E}: {setup.total_optimizer_steps} optimizer steps ({setup.num_warmup_steps} warmup) over "
+           "{setup.train_examples} training examples: {setup.epochs_trained:g} epoch(s).")
 SETUP_ARM = ("  - arm `{arm}`: started for grid seeds {seeds}; resolved seeds against the grid seed: "
              "{seed_offsets}.")
 SETUP_NONE = "No converged study in this report."
