@@ -386,6 +386,7 @@ class InvariantDropoutContext:
     _ids_on: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def set_batch(self, example_ids, epoch: int) -> None:
+        """Name the examples (1-D integer ids, one per row) and epoch of the next training forward."""
         ids = torch.as_tensor(example_ids)
         if ids.dim() != 1:
             raise ValueError(f"example_ids must be a 1-D tensor [batch], got shape {tuple(ids.shape)}")
@@ -397,6 +398,7 @@ class InvariantDropoutContext:
         self._ids_on = {str(self.example_ids.device): self.example_ids}
 
     def ids_for(self, batch_size: int, device: torch.device, where: str) -> torch.Tensor:
+        """The current batch's example ids on `device`; raises if none were set or their count is not `batch_size`."""
         if self.example_ids is None:
             raise RuntimeError(
                 f"invariant dropout at {where}: training forward without a batch context; call "

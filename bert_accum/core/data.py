@@ -252,6 +252,7 @@ class _Normaliser:
                 self._label_map.update({str(i): i for i in range(len(task.label_names))})
 
     def add(self, texts: Sequence[Any], label: Any, where: str) -> None:
+        """Append one example; `where` names its line or record in the error raised for a bad value."""
         for name, value in zip(self.text_names, texts):
             if not isinstance(value, str):
                 raise BertAccumError(f"{where}: text value {value!r} is not a string (task {self.task.name})")
@@ -433,6 +434,7 @@ class _Table:
     textual: bool  # csv/tsv: every value is a string, so numbers must be recognised by parsing
 
     def where(self, row: int) -> str:
+        """The file and line (or record) that row `row` came from, for error messages."""
         return f"{self.path} {self.unit} {self.positions[row]}"
 
 

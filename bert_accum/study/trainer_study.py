@@ -73,10 +73,12 @@ class TrainerRun:
 
     @property
     def key(self) -> tuple[str, int, int]:
+        """(backend, B, N): the cell this run belongs to."""
         return self.backend, self.micro_batch_size, self.accumulation_steps
 
     @property
     def fraction_clipped(self) -> float:
+        """Fraction of optimizer steps whose gradient norm clipping scaled down (NaN without step rows)."""
         return statistics.fmean(bool(s["clipped"]) for s in self.steps) if self.steps else math.nan
 
 
