@@ -543,3 +543,13 @@ def test_regenerating_into_the_early_tables_folder_keeps_them(converged, tmp_pat
     _build(root, grid, out)
     assert (early / "runs.csv").read_text() == "# early\nstudy,task\nstudy,rte\n"
     assert (early / "conv_runs.csv").read_text().startswith("# command: ")
+
+
+def test_the_per_seed_scatter_spans_the_runs_and_threshold_not_a_far_away_baseline():
+    from bert_accum.study.figures import scatter_limits
+
+    # SST-2-like: runs at 0.80-0.85, threshold 0.78; the 0.509 majority baseline is not allowed to stretch the axes
+    lo, hi = scatter_limits([0.81, 0.85, float("nan"), 0.80], 0.78)
+    assert (lo, hi) == pytest.approx((0.78 - 0.0035, 0.85 + 0.0035)) and lo > 0.509
+    # no finished run: a unit square, not a range collapsed onto the threshold
+    assert scatter_limits([], 0.7) == pytest.approx((-0.05, 1.05))
