@@ -283,6 +283,13 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.e8.floor.dropout.n"] == 10 and nums["conv.sst2.e8.floor.dropout.mean"] == pytest.approx(0.0, abs=1e-9)
     # floor_data: +-0.004 alternating over seeds 1..5 -> mean |diff| 0.004
     assert nums["conv.sst2.e8.floor.data.abs_mean"] == pytest.approx(0.004)
+    # equivalence bounds: the pair's 90% interval reaches 0.001 + 1.833113 * 0.000471405; FLOOR_DIFFS (sd
+    # sqrt(30e-6 / 9), se 0.000577350) give the floor +-1.833113 * 0.000577350, equivalent at the same +-0.01
+    assert nums[f"{p}.tost.bound"] == pytest.approx(0.001 + 1.833113 * 0.000471405, abs=1e-8)
+    assert nums["conv.sst2.e8.floor.dropout.tost.bound"] == pytest.approx(1.833113 * 0.000577350, abs=1e-8)
+    assert nums["conv.sst2.e8.floor.dropout.verdict"] == "equivalent"
+    assert nums["answer.sst2.floor_bound"] == pytest.approx([1.833113 * 0.000577350] * 2, abs=1e-8)
+    assert nums["answer.floor_equivalent"] == nums["answer.floor_decided"] >= 1
     # spread: ACC_DIFFS and FLOOR_DIFFS have sums of squares 20e-6 and 30e-6 about their means 0.001 and 0
     assert nums[f"{p}.spread.var_ratio"] == pytest.approx(20 / 30)
     assert nums[f"{p}.spread.reading"] == "same spread, zero mean: a dropout re-seed (variance, not bias)"
@@ -312,7 +319,10 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.e8.setup.epochs_trained"] == 1.0 and nums["conv.stsb.e8.setup.epochs_trained"] == 0.5
     from bert_accum.study.templates import render
 
-    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in render(nums, {})
+    text = render(nums, {})
+    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in text
+    assert ("The same test on the dropout-only floor (two dropout seeds of (E, 1)): 2 of 2 equivalent. Smallest margin "
+            "the runs show: sst2: (B, N) ±0.0019, a dropout re-seed ±0.0011 accuracy;") in text
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
     assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
     assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]

@@ -31,6 +31,8 @@ def test_tost_equivalent_when_the_90_percent_interval_is_inside_the_margin():
     assert r.p_lower == pytest.approx(_t4_sf(0.011 / se), abs=1e-9)
     assert r.p_upper == pytest.approx(_t4_sf(0.009 / se), abs=1e-9)   # P(T <= -0.009/se) by symmetry
     assert r.p == max(r.p_lower, r.p_upper) < 0.05 and r.verdict == "equivalent"
+    # the smallest margin it would pass: the interval's far end, 0.001 + 2.131847 * 0.000707107
+    assert r.bound == pytest.approx(0.001 + T95_4 * se, abs=1e-8) and r.as_dict()["bound"] == r.bound
 
 
 def test_tost_different_when_the_95_percent_interval_excludes_zero():
@@ -46,6 +48,8 @@ def test_tost_not_shown_equivalent_when_the_interval_straddles_the_margin_and_ze
     assert r.ci90_high == pytest.approx(T95_4 * 0.00707107, abs=1e-7)
     assert r.p_lower == pytest.approx(r.p_upper) and r.p_lower == pytest.approx(_t4_sf(0.01 / 0.00707107), abs=1e-7)
     assert r.verdict == "not shown equivalent"
+    # equivalence would have needed a margin of +-0.0150746 or more, above the +-0.01 fixed beforehand
+    assert r.bound == pytest.approx(T95_4 * 0.00707107, abs=1e-7) and r.bound > r.margin
 
 
 def test_tost_edge_cases_zero_spread_and_too_few_pairs():

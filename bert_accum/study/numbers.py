@@ -213,7 +213,7 @@ def _task(nums: dict[str, Any], c: ConvergedStudy, task: str, glue_dir: str | No
         for k in at_e:
             _cell(nums, f"{e}.cell.{cell_label(*k)}", k, by_cell.get(k, {}), plan.get(k, {}), unfinished.get(k, set()),
                   baseline, nums[f"{t}.threshold"], is_reference=k[0] in main_arms and k[2] == 1)
-        floors = _floors(nums, e, at_e, main_arms, by_cell, plan, get_task(task).is_regression)
+        floors = _floors(nums, e, at_e, main_arms, by_cell, plan, get_task(task).is_regression, nums[f"{t}.margin"])
         pairs = []
         for k in at_e:
             if k[0] in main_arms and k[2] > 1:
@@ -344,9 +344,10 @@ def _pair(nums: dict[str, Any], key: str, runs: dict[int, Run], refs: dict[int, 
 
 
 def _floors(nums: dict[str, Any], e: str, at_e: list[tuple], main_arms: list[str], by_cell: dict, plan: dict,
-            regression: bool) -> dict[tuple[str, str], str]:
+            regression: bool, margin: float) -> dict[tuple[str, str], str]:
     """Noise floors at this E: each arm with only (E, 1) cells against the main arm whose planned runs differ from
-    it only in seeds. Returns {(reference arm, kind): key}."""
+    it only in seeds, judged by the pairs' TOST too (what re-seeding alone can be shown to be).
+    Returns {(reference arm, kind): key}."""
     out: dict[tuple[str, str], str] = {}
     kinds = []
     for k in at_e:
@@ -368,9 +369,14 @@ def _floors(nums: dict[str, Any], e: str, at_e: list[tuple], main_arms: list[str
         diffs = [runs[s].metric - refs[s].metric for s in ok]
         m, sd = mean_std(diffs)
         am, asd = mean_std([abs(d) for d in diffs])
+        planned = len(set(plan.get(k, {})) & set(plan.get((ref_arm, b, n, w), {})))
+        result = stats.tost(diffs, margin)
         nums[key] = kind
         _put(nums, key, arm=arm, reference_arm=ref_arm, varied=sorted(varied), seeds=ok, diffs=diffs, n=len(diffs),
-             planned=len(set(plan.get(k, {})) & set(plan.get((ref_arm, b, n, w), {}))), mean=m, sd=sd, abs_mean=am, abs_sd=asd)
+             planned=planned, mean=m, sd=sd, abs_mean=am, abs_sd=asd,
+             verdict=stats.gated_verdict(result.verdict, result.n, max(planned, 2)))
+        for f, v in result.as_dict().items():
+            nums[f"{key}.tost.{f}"] = v
         _disagreement(nums, key, [_preds_gap(runs[s], refs[s], regression) for s in ok])
         out[(ref_arm, kind)] = key
         kinds.append(kind)
@@ -437,7 +443,8 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                 base = {"task": task, "E": E, "cell": label}
                 out["tost"].append({**base, "n": nums[f"{k}.n"], "required": nums[f"{k}.required"],
                                     **{f: nums[f"{k}.tost.{f}"] for f in ("mean", "sd", "ci90_low", "ci90_high",
-                                                                           "ci95_low", "ci95_high", "p", "margin")},
+                                                                           "ci95_low", "ci95_high", "p", "margin",
+                                                                           "bound")},
                                     "verdict": nums[f"{k}.verdict"], "missing_seeds": " ".join(map(str, nums[f"{k}.missing_seeds"]))})
                 out["spread"].append({**base, **{f: nums[f"{k}.spread.{f}"] for f in (
                     "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "brown_forsythe_p",
@@ -450,7 +457,9 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                 out["floors"].append({"task": task, "E": E, "kind": kind, "arm": nums[f"{k}.arm"],
                                       "reference_arm": nums[f"{k}.reference_arm"], "n": nums[f"{k}.n"],
                                       "mean": nums[f"{k}.mean"], "sd": nums[f"{k}.sd"], "abs_mean": nums[f"{k}.abs_mean"],
-                                      "disagreement": nums[f"{k}.disagreement.mean"]})
+                                      "disagreement": nums[f"{k}.disagreement.mean"], "ci90_low": nums[f"{k}.tost.ci90_low"],
+                                      "ci90_high": nums[f"{k}.tost.ci90_high"], "margin": nums[f"{k}.tost.margin"],
+                                      "bound": nums[f"{k}.tost.bound"], "verdict": nums[f"{k}.verdict"]})
             for label in nums.get(f"{e}.cells", []):
                 k = f"{e}.cell.{label}"
                 out["cells"].append({"task": task, "E": E, "cell": label, **{f: nums[f"{k}.{f}"] for f in (
@@ -582,6 +591,12 @@ def _batchnorm(nums: dict[str, Any], folder: Path | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the answer
+def _decided_floors(nums: dict[str, Any], pairs: list[str]) -> list[str]:
+    """The dropout-only floors of `pairs` (each once) that have all their planned runs."""
+    keys = dict.fromkeys(nums[f"{k}.spread.floor"] for k in pairs if nums.get(f"{k}.spread.floor"))
+    return [f for f in keys if nums[f"{f}.n"] >= max(nums[f"{f}.planned"], 2)]
+
+
 def _answer(nums: dict[str, Any]) -> None:
     """What the first five lines need: the headline pairs' verdicts and readings, their size against the floor,
     the probe's systematic causes and the switches of the most exact arm."""
@@ -636,7 +651,13 @@ def _answer(nums: dict[str, Any]) -> None:
              floor_sd=span(nums[f"{k}.spread.floor_sd"] for k in mine),
              abs_diff=span(abs(nums[f"{k}.tost.mean"]) for k in mine if nums[f"{k}.n"]),
              disagreement=span(nums[f"{k}.disagreement.mean"] for k in mine),
-             floor_disagreement=span(nums[f"{k}.disagreement.floor_mean"] for k in mine))
+             floor_disagreement=span(nums[f"{k}.disagreement.floor_mean"] for k in mine),
+             bound=span(nums[f"{k}.tost.bound"] for k in mine if nums[f"{k}.decided"]),
+             floor_bound=span(nums[f"{f}.tost.bound"] for f in _decided_floors(nums, mine)))
+    # The same TOST on the dropout-only floors of the decided comparisons: can a mere re-seed be shown equivalent?
+    floors = _decided_floors(nums, decided)
+    _put(nums, "answer", floor_decided=len(floors),
+         floor_equivalent=sum(nums[f"{f}.verdict"] == "equivalent" for f in floors))
     # The most exact non-headline arm: its largest |paired difference| over every pair, and what it switches.
     exact = defaultdict(list)
     for k in others:

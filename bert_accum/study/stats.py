@@ -57,9 +57,17 @@ class Tost:
     p: float
     verdict: str
 
+    @property
+    def bound(self) -> float:
+        """The smallest margin this test would call equivalent: the larger |end| of the 90% interval.
+
+        Set beside the margin fixed before the runs it shows how much of a "not shown equivalent" is too few or
+        too noisy pairs: the dropout-only floor's own bound is what a mere dropout re-seed can be shown to be."""
+        return max(abs(self.ci90_low), abs(self.ci90_high))
+
     def as_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict."""
-        return asdict(self)
+        """The fields, and the equivalence bound, as a plain dict."""
+        return {**asdict(self), "bound": self.bound}
 
 
 def _t_tail(t: float, df: int) -> float:

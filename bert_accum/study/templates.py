@@ -89,6 +89,12 @@ def _ci(nums: dict[str, Any], key: str, lo: str, hi: str, digits: int = 4) -> st
     return f"[{fmt(float(a), digits)}, {fmt(float(b), digits)}]"
 
 
+def _within(nums: dict[str, Any], key: str) -> str:
+    """±bound of a TOST, or a dash without two pairs."""
+    bound = nums.get(f"{key}.tost.bound")
+    return f"±{show(bound)}" if isinstance(bound, float) and math.isfinite(bound) else "—"
+
+
 def _ratio_ci(nums: dict[str, Any], key: str) -> str:
     ratio = nums.get(f"{key}.var_ratio")
     if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
@@ -160,6 +166,9 @@ ANSWER_EQUIV_NONE = "3. **Equivalence**: no headline comparison in this report."
 ANSWER_EQUIV = ("3. **Equivalence** (TOST, 90% interval inside ±margin): of {answer.n_headline} headline comparisons, "
                 "{answer.equivalent} equivalent, {answer.not_shown} not shown equivalent, {answer.different} "
                 "different, {answer.undecided} not yet decidable.")
+ANSWER_EQUIV_FLOOR = (" The same test on the dropout-only floor (two dropout seeds of (E, 1)): {answer.floor_equivalent} "
+                      "of {answer.floor_decided} equivalent. Smallest margin the runs show: {bounds}.")
+ANSWER_EQUIV_BOUND = "{task}: (B, N) ±{bound:range}, a dropout re-seed ±{floor_bound:range} {metric}"
 ANSWER_CAUSES = ("4. **Which causes are real biases?** One step (the probe, per table): systematic, a real bias: "
                  "{systematic}; random, like a new dropout draw: {random}; round-off: {roundoff}.{bugs}")
 ANSWER_CAUSES_NONE = "4. **Which causes are real biases?** No probe tables in this report."
@@ -212,11 +221,14 @@ PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dr
                  "one-step dropout-only floor, the default loop {default:range3}, everything off {controlled:range3}.")
 PROBE_OF_TASK_NONE = "- {task}: no probe table of this task and objective (another task's probe is not used for it)."
 TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
-TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict"]
+TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict",
+             "equivalent within"]
 TOST_NOTE = ("Paired differences (B, N) − (E, 1) of the final dev metric over runs sharing all three seeds. "
              "`equivalent`: the 90% interval (two one-sided t tests at 5%) lies inside ±margin (margins from the grid "
              "file, fixed before the runs); `different`: the 95% interval excludes 0 and equivalence is not shown; "
-             "`not shown equivalent`: neither. Headline comparisons (arm {headline_arms}) get no verdict below "
+             "`not shown equivalent`: neither. `equivalent within`: the smallest margin the 90% interval fits inside (the "
+             "dropout-only floor's, in the floors table below, is what a mere dropout re-seed can be shown to be). "
+             "Headline comparisons (arm {headline_arms}) get no verdict below "
              "{min_n} pairs, the others none below their planned number. Table: `study/{s}_tost.csv`.")
 SPREAD_HEAD = "### Variance or bias: against the dropout-only floor"
 SPREAD_COLS = ["task", "E", "arm", "(B, N)", "n", "sd", "floor n", "floor sd", "variance ratio [95% CI]",
@@ -234,9 +246,11 @@ DISAGREE_MEASURE = {False: "fraction of dev labels that differ", True: "RMS diff
 DISAGREE_NOTE = "From each run's predictions.json of its final evaluation. Table: `study/{s}_disagreement.csv`."
 FLOORS_HEAD = "### Noise floors, measured"
 FLOORS_COLS = ["task", "E", "floor (seeds changed)", "arm vs reference", "n", "mean diff", "sd", "mean abs diff",
-               "disagreement"]
+               "disagreement", "TOST at ±margin", "equivalent within"]
 FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seeds against the (E, 1) reference of the "
-               "same grid seed. Table: `study/{s}_floors.csv`.")
+               "same grid seed. `TOST at ±margin` judges the floor's differences by the pairs' test and margin: where "
+               "even a re-seed is not shown equivalent, the margin is tighter than the noise the runs can resolve. "
+               "Table: `study/{s}_floors.csv`.")
 CELLS_HEAD = "### Runs, failures and the reference bar"
 CELLS_COLS = ["task", "E", "arm", "(B, N)", "planned", "finished", "unfinished seeds", "missing seeds", "diverged",
               "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold"]
@@ -368,7 +382,12 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, **biased, **partial)]
     sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
     L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
-    L.append(fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE)
+    equiv = fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE
+    bounds = [fill(ANSWER_EQUIV_BOUND, nums, f"answer.{t}", task=t) for t in nums["answer.tasks"]
+              if nums[f"answer.{t}.bound"] is not None and nums[f"answer.{t}.floor_bound"] is not None]
+    if nums.get("answer.floor_decided") and bounds:
+        equiv += fill(ANSWER_EQUIV_FLOOR, nums, bounds="; ".join(bounds))
+    L.append(equiv)
     if nums["probe.tables"]:
         def names(ids: list[str]) -> str:
             """Each cause with the probe tables that show it so."""
@@ -448,7 +467,8 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         L += ["", TOST_HEAD, ""]
         rows = [[task, str(E), _arm(label), f"{_bn(label)} vs ({E}, 1)", f"{nums[k + '.n']} of {nums[k + '.required']}",
                  show(nums[k + ".tost.mean"], "signed"), _ci(nums, k, "tost.ci90_low", "tost.ci90_high"),
-                 _ci(nums, k, "tost.ci95_low", "tost.ci95_high"), f"±{show(nums[k + '.tost.margin'])}", nums[k + ".verdict"]]
+                 _ci(nums, k, "tost.ci95_low", "tost.ci95_high"), f"±{show(nums[k + '.tost.margin'])}", nums[k + ".verdict"],
+                 _within(nums, k)]
                 for task, E, label, k in _each(nums, s, "pair")]
         L += [table(TOST_COLS, rows), "", _figure(figures, f"forest_{s}", "forest"),
               fill(TOST_NOTE, nums, s=s, headline_arms=", ".join(nums[f"{s}.headline_arms"]), min_n=_min_n()), ""]
@@ -469,7 +489,7 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         L += [FLOORS_HEAD, ""]
         rows = [[task, str(E), f"{kind} ({show(nums[k + '.varied'])})", f"{nums[k + '.arm']} vs {nums[k + '.reference_arm']}",
                  f"{nums[k + '.n']} of {nums[k + '.planned']}", show(nums[k + ".mean"], "signed"), show(nums[k + ".sd"]),
-                 show(nums[k + ".abs_mean"]), _pm(nums, k + ".disagreement")]
+                 show(nums[k + ".abs_mean"]), _pm(nums, k + ".disagreement"), nums[k + ".verdict"], _within(nums, k)]
                 for task, E, kind, k in _each(nums, s, "floor")]
         L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s), ""]
         L += [CELLS_HEAD, ""]
