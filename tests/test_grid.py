@@ -464,3 +464,25 @@ def test_a_bad_run_first_is_a_one_line_error(tmp_path, tiny_model_dir, synthetic
     grid = _grid(tmp_path, tiny_model_dir, synthetic_glue_dir, run_first=run_first)
     assert grid_main([str(grid), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_status_estimates_the_training_time_left_from_finished_cells_of_the_same_shape(tmp_path, capsys):
+    from bert_accum.study.grid import time_left
+
+    grid = _grid(tmp_path, "/m", "/g", seeds=[1, 2, 3], arms={"default": {}})
+    cells = expand(GridSpec.load(grid))   # seed-major: B8 and B2 of seed 1, then of seed 2, then of seed 3
+    assert [(c.seed, c.micro_batch_size) for c in cells] == [(1, 8), (1, 2), (2, 8), (2, 2), (3, 8), (3, 2)]
+    for cell, seconds in ((cells[0], 100.0), (cells[2], 300.0)):
+        cell.run_dir.mkdir(parents=True)
+        (cell.run_dir / "final_metrics.json").write_text(json.dumps({"train_seconds": seconds}))
+    states = ["finished", "new", "finished", "interrupted", "new", "new"]
+    # the one B8 cell left counts the median of 100 and 300; no B2 cell has finished, so those three are not estimated
+    assert time_left(cells, states) == (200.0, 3)
+    cells[1].run_dir.mkdir(parents=True)
+    (cells[1].run_dir / "final_metrics.json").write_text(json.dumps({"train_seconds": 50.0}))
+    assert time_left(cells, ["finished", "finished", "finished", "interrupted", "new", "new"]) == (200.0 + 2 * 50.0, 0)
+    # the CLI: stdout stays one line per cell, the summary goes to stderr
+    assert grid_main([str(grid), "--status", "--parallel", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 6
+    assert "Left: 6 cells, about 0.0 h of training time" in err and "6 of them have no finished cell" in err

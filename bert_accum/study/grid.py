@@ -374,6 +374,31 @@ def cell_status(cell: Cell) -> str:
     return "new"
 
 
+def time_left(cells: list[Cell], states: list[str]) -> tuple[float, int]:
+    """(seconds, cells without an estimate): the training time the unfinished `cells` still need, each counted at
+    the median `train_seconds` of the finished cells of the same task and (B, N) (as they ran, so under the load
+    they had; evaluation and start-up not included). A cell of a shape none has finished is not estimated."""
+    done: dict[tuple[str, int, int], list[float]] = {}
+    for cell, state in zip(cells, states):
+        if state == "finished":
+            try:
+                seconds = float(json.loads((cell.run_dir / "final_metrics.json").read_text())["train_seconds"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            done.setdefault((cell.task, cell.micro_batch_size, cell.accumulation_steps), []).append(seconds)
+    total, unknown = 0.0, 0
+    for cell, state in zip(cells, states):
+        if state == "finished":
+            continue
+        seen = sorted(done.get((cell.task, cell.micro_batch_size, cell.accumulation_steps), []))
+        if not seen:
+            unknown += 1
+            continue
+        mid = len(seen) // 2
+        total += seen[mid] if len(seen) % 2 else (seen[mid - 1] + seen[mid]) / 2
+    return total, unknown
+
+
 def check_config_matches(cell: Cell) -> None:
     """Refuse a run folder made from different settings than the cell's (the grid file was edited since).
 
@@ -680,6 +705,7 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         else:
             cells = run_order(cells, spec.run_first, a.grid)
         if a.dry_run or a.status:
+            states = []
             for cell in cells:
                 if a.dry_run:
                     print(describe(cell, a.launcher))
@@ -689,10 +715,25 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 except BertAccumError as exc:
                     # A folder made with other settings is what --status is asked to find, not a reason to stop.
                     print(f"{cell.index}\tstale\t{cell.name}\t{exc}")
+                    states.append("stale")
                     continue
                 state = "running" if CellLock(cell).held_elsewhere() else cell_status(cell)
                 problem = run_problem(cell.run_dir) if state == "damaged" else None
                 print(f"{cell.index}\t{state}\t{cell.name}" + (f"\t{problem}" if problem else ""))
+                states.append(state)
+            if a.status:
+                # The summary goes to stderr: stdout stays one tab-separated line per cell for scripts.
+                counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(sorted(states)))
+                seconds, unknown = time_left(cells, states)
+                left = len(cells) - states.count("finished")
+                line = (f"[bert_accum grid] {len(cells)} cells: {counts}. Left: {left} cells, about "
+                        f"{seconds / 3600:.1f} h of training time (each at the median train_seconds of the finished "
+                        f"cells of its task and (B, N); evaluation and start-up not included)")
+                if a.parallel > 1:
+                    line += f", {seconds / 3600 / a.parallel:.1f} h with --parallel {a.parallel}"
+                if unknown:
+                    line += f"; {unknown} of them have no finished cell of their shape to go by"
+                print(line + ".", file=sys.stderr)
             return
         outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)
         failed = [name for name, o in outcomes.items() if o.startswith("failed")]
