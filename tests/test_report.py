@@ -250,7 +250,8 @@ def write_converged(tmp_path: Path, skip: set[str] = frozenset(), unfinished: se
             "validation": _predictions(cell.task, cell.arm, n, cell.seed)}}))
         (d / "final_metrics.json").write_text(json.dumps({
             "status": "completed", "main_metric": metric_name, "eval": {metric_name: m, "num_examples": 10},
-            "optimizer_steps": steps, "train_seconds": 36.0, "examples_per_second": 2.0, "device": "cpu"}))
+            "optimizer_steps": steps, "train_seconds": 36.0, "examples_per_second": 2.0, "device": "cpu",
+            "clipped_fraction": 0.25 * cell.seed % 1}))
     return root, grid, glue
 
 
@@ -305,6 +306,8 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     cell = "conv.sst2.e8.cell.floor_all.B8_N1"
     assert (nums[f"{cell}.finished"], nums[f"{cell}.failed"], nums[f"{cell}.failed_seeds"]) == (5, 1, [5])
     assert nums[f"{cell}.failure_rate"] == pytest.approx(0.2)
+    # clipped fractions 0.25, 0.5, 0.75, 0, 0.25 for seeds 1..5
+    assert nums[f"{cell}.clipped_fraction"] == pytest.approx(0.35)
     assert nums["conv.stsb.baseline"] == 0.0 and nums["conv.stsb.e8.cell.floor_all.B8_N1.failed"] == 1
     # the reference bar: every (8, 1) reference of sst2 is at 0.801..0.810 >= 0.78; stsb's 0.751..0.760 >= 0.70
     assert nums["conv.sst2.e8.cell.default.B8_N1.cleared"] == 10 and nums["conv.stsb.e8.cell.default.B8_N1.cleared"] == 10
@@ -320,6 +323,7 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     from bert_accum.study.templates import render
 
     text = render(nums, {})
+    assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
     assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in text
     assert ("The same test on the dropout-only floor (two dropout seeds of (E, 1)): 2 of 2 equivalent. Smallest margin "
             "the runs show: sst2: (B, N) ±0.0019, a dropout re-seed ±0.0011 accuracy;") in text

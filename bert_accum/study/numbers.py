@@ -295,6 +295,9 @@ def _cell(nums: dict[str, Any], key: str, k: tuple, runs: dict[int, Run], plan: 
          failure_rate=len(failed) / len(seeds) if seeds else math.nan,
          median_train_seconds=statistics.median([float(runs[s].final.get("train_seconds") or math.nan) for s in seeds]) if seeds else math.nan,
          median_examples_per_second=statistics.median([float(runs[s].final.get("examples_per_second") or math.nan) for s in seeds]) if seeds else math.nan)
+    clipped = [float(runs[s].final["clipped_fraction"]) for s in seeds
+               if isinstance(runs[s].final.get("clipped_fraction"), (int, float))]
+    nums[f"{key}.clipped_fraction"] = statistics.fmean(clipped) if clipped else math.nan
     nums[f"{key}.missing"] = len(nums[f"{key}.missing_seeds"])
     if is_reference:
         cleared = [s for s in seeds if math.isfinite(threshold) and runs[s].metric >= threshold]
@@ -464,7 +467,7 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                 k = f"{e}.cell.{label}"
                 out["cells"].append({"task": task, "E": E, "cell": label, **{f: nums[f"{k}.{f}"] for f in (
                     "planned", "finished", "unfinished", "missing", "diverged", "failed", "failure_rate", "mean", "sd",
-                    "median_train_seconds")}, "cleared": nums.get(f"{k}.cleared", "")})
+                    "median_train_seconds", "clipped_fraction")}, "cleared": nums.get(f"{k}.cleared", "")})
     return out
 
 

@@ -253,7 +253,7 @@ FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seed
                "Table: `study/{s}_floors.csv`.")
 CELLS_HEAD = "### Runs, failures and the reference bar"
 CELLS_COLS = ["task", "E", "arm", "(B, N)", "planned", "finished", "unfinished seeds", "missing seeds", "diverged",
-              "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold"]
+              "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold", "steps clipped"]
 BASELINE = {
     "majority": ("- {task}: trivial baseline {baseline} (accuracy of the majority class over the {baseline_labels} dev "
                  "labels of {baseline_source}); reference threshold {threshold}."),
@@ -264,7 +264,8 @@ BASELINE = {
                 "runs count as failed; reference threshold {threshold}."),
 }
 CELLS_NOTE = ("A run fails when its final metric is not finite or at or below the trivial baseline; failed runs stay "
-              "in every table. Table: `study/{s}_cells.csv`.")
+              "in every table. `steps clipped`: the fraction of optimizer steps whose gradient norm exceeded "
+              "max_grad_norm and was scaled down, mean over the finished seeds. Table: `study/{s}_cells.csv`.")
 CURVES_HEAD = "### Learning curves and per-seed outcomes"
 
 MECH_HEAD = "## 2. Why accumulation drifts: the mechanism, cause by cause"
@@ -499,7 +500,8 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                        else "—")
             rows.append([task, str(E), _arm(label), _bn(label), str(nums[k + ".planned"]), str(nums[k + ".finished"]),
                          show(nums[k + ".unfinished_seeds"]), show(nums[k + ".missing_seeds"]), str(nums[k + ".diverged"]),
-                         str(nums[k + ".failed"]), show(nums[k + ".failure_rate"], "pct"), _pm(nums, k), cleared])
+                         str(nums[k + ".failed"]), show(nums[k + ".failure_rate"], "pct"), _pm(nums, k), cleared,
+                         show(nums[k + ".clipped_fraction"], "pct")])
         L += [table(CELLS_COLS, rows), ""]
         L += [fill(BASELINE[nums[f"{s}.{t}.baseline_rule"]], nums, f"{s}.{t}", task=t) for t in nums[f"{s}.tasks"]]
         L += ["", fill(CELLS_NOTE, nums, s=s), "", CURVES_HEAD, ""]
