@@ -63,6 +63,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -390,12 +391,11 @@ def time_left(cells: list[Cell], states: list[str]) -> tuple[float, int]:
     for cell, state in zip(cells, states):
         if state == "finished":
             continue
-        seen = sorted(done.get((cell.task, cell.micro_batch_size, cell.accumulation_steps), []))
+        seen = done.get((cell.task, cell.micro_batch_size, cell.accumulation_steps))
         if not seen:
             unknown += 1
             continue
-        mid = len(seen) // 2
-        total += seen[mid] if len(seen) % 2 else (seen[mid - 1] + seen[mid]) / 2
+        total += statistics.median(seen)
     return total, unknown
 
 
