@@ -567,3 +567,19 @@ def test_the_per_seed_scatter_spans_the_runs_and_threshold_not_a_far_away_baseli
     assert (lo, hi) == pytest.approx((0.78 - 0.0035, 0.85 + 0.0035)) and lo > 0.509
     # no finished run: a unit square, not a range collapsed onto the threshold
     assert scatter_limits([], 0.7) == pytest.approx((-0.05, 1.05))
+
+
+def test_the_forest_plot_shows_each_pair_beside_the_dropout_only_floor_of_its_e(converged):
+    from bert_accum.study.figures import forest_rows
+
+    root, grid, _ = converged
+    nums = _numbers(root, grid)
+    rows = forest_rows(nums, "conv", "sst2")
+    assert [(r["kind"], r["label"]) for r in rows] == [
+        ("headline", "default (B=2, N=4) vs (B=8, N=1)"), ("other", "controlled (B=2, N=4) vs (B=8, N=1)"),
+        ("floor", "dropout-only floor: floor_dropout (B=8, N=1) vs default")]
+    floor = rows[-1]
+    # FLOOR_DIFFS: mean 0, 90% interval +-1.833113 * 0.000577350, judged at the pairs' margin
+    assert (floor["n"], floor["verdict"]) == (10, "equivalent") and floor["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert floor["ci90_high"] == pytest.approx(1.833113 * 0.000577350, abs=1e-8)
+    assert rows[0]["ci90_low"] == pytest.approx(0.001 - 1.833113 * 0.000471405, abs=1e-8)

@@ -2,7 +2,7 @@
 small multiples with full arm names in the labels and a legend in every figure.
 
   attribution.png            each cause's one-step effect (probe) as a ratio to the dropout-only floor, log scale
-  forest_<study>.png         TOST forest plot: paired differences, 90% intervals, ±margin
+  forest_<study>.png         TOST forest plot: paired differences and the dropout-only floor, 90% intervals, ±margin
   scatter_<study>.png        per-seed (B, N) final metric against (E, 1), y = x, trivial baseline, floor pairs
   curves_<study>.png         learning curves from eval.jsonl, mean over finished seeds
   paired_diff_<study>.png, grad_norm_<study>_<task>.png, param_distance_<study>_<task>.png   early training
@@ -121,33 +121,60 @@ def _pairs(nums: dict[str, Any], s: str) -> list[tuple[str, int, str, str]]:
     return out
 
 
+def forest_rows(nums: dict[str, Any], s: str, task: str) -> list[dict[str, Any]]:
+    """The forest plot's rows for one task, grouped by E: each (arm, (B, N)) pair against (E, 1), then the
+    dropout-only floor (two dropout seeds of (E, 1)) judged by the same TOST, so each interval is read beside what
+    a mere dropout re-seed shows. Rows without finished pairs carry mean None."""
+    rows = []
+    for E in nums[f"{s}.{task}.E"]:
+        for label in nums[f"{s}.{task}.e{E}.pairs"]:
+            k = f"{s}.{task}.e{E}.pair.{label}"
+            rows.append({"kind": "headline" if nums[f"{k}.headline"] else "other", "n": nums[f"{k}.n"],
+                         "label": f"{pretty(label)} vs (B={E}, N=1)", "verdict": nums[f"{k}.verdict"],
+                         **{f: nums[f"{k}.tost.{f}"] for f in ("mean", "ci90_low", "ci90_high")}})
+        if "dropout" in nums.get(f"{s}.{task}.e{E}.floors", []):
+            k = f"{s}.{task}.e{E}.floor.dropout"
+            rows.append({"kind": "floor", "n": nums[f"{k}.n"], "verdict": nums[f"{k}.verdict"],
+                         "label": f"dropout-only floor: {nums[f'{k}.arm']} (B={E}, N=1) vs {nums[f'{k}.reference_arm']}",
+                         **{f: nums[f"{k}.tost.{f}"] for f in ("mean", "ci90_low", "ci90_high")}})
+    return rows
+
+
+_FOREST_COLOURS = {"headline": ("tab:blue", "headline arm"), "other": ("tab:orange", "other arm"),
+                   "floor": ("grey", "dropout-only floor (same test)")}
+
+
 def forest(nums: dict[str, Any], s: str, path: Path) -> Path | None:
-    """One panel per task: each (arm, (B, N)) pair's mean paired difference with its 90% interval, ±margin shaded."""
+    """One panel per task: each (arm, (B, N)) pair's mean paired difference with its 90% interval beside the
+    dropout-only floor's, ±margin shaded."""
     tasks = [t for t in nums[f"{s}.tasks"] if any(p[0] == t for p in _pairs(nums, s))]
     if not tasks:
         return None
-    fig, axes = _grid(len(tasks), width=11.0, height=1.2 + 0.45 * max(len(_pairs(nums, s)), 2), cols=1)
+    most = max(len(forest_rows(nums, s, t)) for t in tasks)
+    fig, axes = _grid(len(tasks), width=11.0, height=1.6 + 0.45 * max(most, 2), cols=1)
     for ax, task in zip(axes, tasks):
-        mine = [p for p in _pairs(nums, s) if p[0] == task]
+        rows = forest_rows(nums, s, task)
         margin = nums[f"{s}.{task}.margin"]
         if isinstance(margin, float) and math.isfinite(margin):
             ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±margin {margin:g}")
         ax.axvline(0, color="black", lw=0.8)
-        for i, (*_, k) in enumerate(mine):
-            m, lo, hi = nums[f"{k}.tost.mean"], nums[f"{k}.tost.ci90_low"], nums[f"{k}.tost.ci90_high"]
-            colour = "tab:blue" if nums[f"{k}.headline"] else "tab:orange"
+        for i, r in enumerate(rows):
+            m, lo, hi = r["mean"], r["ci90_low"], r["ci90_high"]
             if isinstance(m, float) and math.isfinite(m):
-                err = [[m - lo], [hi - m]] if math.isfinite(lo) else None
-                ax.errorbar([m], [i], xerr=err, fmt="o", color=colour, capsize=3)
-        ax.set_yticks(range(len(mine)))
-        ax.set_yticklabels([f"{pretty(label)} vs (B={E}, N=1), n={nums[k + '.n']}: {nums[k + '.verdict']}"
-                            for _, E, label, k in mine], fontsize=8)
-        ax.set_ylim(len(mine) - 0.5, -0.5)
+                err = [[m - lo], [hi - m]] if isinstance(lo, float) and math.isfinite(lo) else None
+                ax.errorbar([m], [i], xerr=err, fmt="o", color=_FOREST_COLOURS[r["kind"]][0], capsize=3)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{r['label']}: {r['verdict']}" if "(n =" in r["verdict"]
+                            else f"{r['label']}, n={r['n']}: {r['verdict']}" for r in rows], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_xlabel(f"paired difference of final {nums[f'{s}.{task}.metric']} (90% CI)")
         ax.set_title(f"{s} / {task}", fontsize=9)
-        ax.errorbar([], [], xerr=[], fmt="o", color="tab:blue", label="headline arm")
-        ax.errorbar([], [], xerr=[], fmt="o", color="tab:orange", label="other arm")
-        ax.legend(fontsize=7, loc="lower right")
+        for kind in sorted({r["kind"] for r in rows}, key=list(_FOREST_COLOURS).index):
+            colour, name = _FOREST_COLOURS[kind]
+            ax.errorbar([], [], xerr=[], fmt="o", color=colour, label=name)
+        ax.xaxis.set_major_locator(_plt().MaxNLocator(7))
+        # below the axes: inside, it hid the lowest rows' intervals
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, frameon=False)
     return _save(fig, path)
 
 

@@ -348,7 +348,7 @@ EARLY_NONE = "No early-training study in this report."
 FIGURE = "![{caption}]({path})"
 FIGURE_CAPTIONS = {
     "attribution": "Drift attribution: each cause's one-step effect as a ratio to the dropout-only floor",
-    "forest": "TOST forest plot: paired differences with 90% intervals against the margins",
+    "forest": "TOST forest plot: paired differences and the dropout-only floor (grey), 90% intervals against the margins",
     "scatter": "Per-seed final metrics: (B, N) against (E, 1)",
     "curves": "Learning curves: dev metric over optimizer steps, mean over finished seeds",
 }
