@@ -583,3 +583,28 @@ def test_the_forest_plot_shows_each_pair_beside_the_dropout_only_floor_of_its_e(
     assert (floor["n"], floor["verdict"]) == (10, "equivalent") and floor["mean"] == pytest.approx(0.0, abs=1e-9)
     assert floor["ci90_high"] == pytest.approx(1.833113 * 0.000577350, abs=1e-8)
     assert rows[0]["ci90_low"] == pytest.approx(0.001 - 1.833113 * 0.000471405, abs=1e-8)
+
+
+def test_not_shown_equivalent_beside_a_floor_that_fails_too_is_read_as_too_few_seeds(tmp_path, monkeypatch):
+    import sys
+
+    from bert_accum.study.templates import render
+
+    # ten times the noise: the pairs' 90% interval reaches 0.01 + 1.833113 * 0.00471405 = 0.0186 and the floor's
+    # +-1.833113 * 0.00577350 = 0.0106, both past the +-0.01 margin
+    monkeypatch.setattr(sys.modules[__name__], "FLOOR_DIFFS", [10 * d for d in FLOOR_DIFFS])
+    root, grid, _ = write_converged(tmp_path, diffs=[10 * d for d in ACC_DIFFS])
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    assert nums[f"{p}.verdict"] == "not shown equivalent" and nums[f"{p}.tost.bound"] == pytest.approx(0.0186, abs=1e-4)
+    assert nums["conv.sst2.e8.floor.dropout.verdict"] == "not shown equivalent"
+    assert nums["answer.unresolved"] == [p, "conv.stsb.e8.pair.default.B2_N4"]
+    assert ("For sst2 default (2, 4) vs (8, 1), stsb default (2, 4) vs (8, 1) the dropout-only floor is not shown "
+            "equivalent either: ±margin is finer than 10 seeds can resolve") in render(nums, {})
+
+
+def test_not_shown_equivalent_beside_an_equivalent_floor_is_not_excused(tmp_path):
+    root, grid, _ = write_converged(tmp_path, diffs=[10 * d for d in ACC_DIFFS])
+    nums = _numbers(root, grid)
+    assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not shown equivalent"
+    assert nums["conv.sst2.e8.floor.dropout.verdict"] == "equivalent" and nums["answer.unresolved"] == []

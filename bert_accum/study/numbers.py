@@ -660,7 +660,10 @@ def _answer(nums: dict[str, Any]) -> None:
     # The same TOST on the dropout-only floors of the decided comparisons: can a mere re-seed be shown equivalent?
     floors = _decided_floors(nums, decided)
     _put(nums, "answer", floor_decided=len(floors),
-         floor_equivalent=sum(nums[f"{f}.verdict"] == "equivalent" for f in floors))
+         floor_equivalent=sum(nums[f"{f}.verdict"] == "equivalent" for f in floors),
+         # not shown equivalent while a mere dropout re-seed is not either: the margin is finer than n runs resolve
+         unresolved=[k for k in decided if nums[f"{k}.verdict"] == "not shown equivalent"
+                     and nums[f"{k}.spread.floor"] in floors and nums[f"{nums[f'{k}.spread.floor']}.verdict"] != "equivalent"])
     # The most exact non-headline arm: its largest |paired difference| over every pair, and what it switches.
     exact = defaultdict(list)
     for k in others:

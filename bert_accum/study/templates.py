@@ -168,6 +168,9 @@ ANSWER_EQUIV = ("3. **Equivalence** (TOST, 90% interval inside ±margin): of {an
                 "different, {answer.undecided} not yet decidable.")
 ANSWER_EQUIV_FLOOR = (" The same test on the dropout-only floor (two dropout seeds of (E, 1)): {answer.floor_equivalent} "
                       "of {answer.floor_decided} equivalent. Smallest margin the runs show: {bounds}.")
+ANSWER_EQUIV_UNRESOLVED = (" For {pairs} the dropout-only floor is not shown equivalent either: ±margin is finer than "
+                           "{n} seeds can resolve against dropout noise, so that verdict is about the number of seeds, "
+                           "not evidence of a difference.")
 ANSWER_EQUIV_BOUND = "{task}: (B, N) ±{bound:range}, a dropout re-seed ±{floor_bound:range} {metric}"
 ANSWER_CAUSES = ("4. **Which causes are real biases?** One step (the probe, per table): systematic, a real bias: "
                  "{systematic}; random, like a new dropout draw: {random}; round-off: {roundoff}.{bugs}")
@@ -388,6 +391,11 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
               if nums[f"answer.{t}.bound"] is not None and nums[f"answer.{t}.floor_bound"] is not None]
     if nums.get("answer.floor_decided") and bounds:
         equiv += fill(ANSWER_EQUIV_FLOOR, nums, bounds="; ".join(bounds))
+    if nums.get("answer.unresolved"):
+        ks = nums["answer.unresolved"]
+        ns = sorted({nums[f"{k}.n"] for k in ks})
+        equiv += fill(ANSWER_EQUIV_UNRESOLVED, nums, pairs=", ".join(_pair_name(nums, k) for k in ks),
+                      n=str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}")
     L.append(equiv)
     if nums["probe.tables"]:
         def names(ids: list[str]) -> str:
