@@ -726,13 +726,17 @@ def grid_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(sorted(states)))
                 seconds, unknown = time_left(cells, states)
                 left = len(cells) - states.count("finished")
-                line = (f"[bert_accum grid] {len(cells)} cells: {counts}. Left: {left} cells, about "
-                        f"{seconds / 3600:.1f} h of training time (each at the median train_seconds of the finished "
-                        f"cells of its task and (B, N); evaluation and start-up not included)")
-                if a.parallel > 1:
-                    line += f", {seconds / 3600 / a.parallel:.1f} h with --parallel {a.parallel}"
-                if unknown:
-                    line += f"; {unknown} of them have no finished cell of their shape to go by"
+                line = f"[bert_accum grid] {len(cells)} cells: {counts}. Left: {left} cells"
+                if left and unknown == left:
+                    # 0.0 h would read as "done": say there is nothing to estimate from yet
+                    line += ", no time estimate yet: none has a finished cell of its task and (B, N) to go by"
+                elif left:
+                    line += (f", about {seconds / 3600:.1f} h of training time (each at the median train_seconds of "
+                             f"the finished cells of its task and (B, N); evaluation and start-up not included)")
+                    if a.parallel > 1:
+                        line += f", {seconds / 3600 / a.parallel:.1f} h with --parallel {a.parallel}"
+                    if unknown:
+                        line += f"; {unknown} of them have no finished cell of their shape to go by"
                 print(line + ".", file=sys.stderr)
             return
         outcomes = run_grid(cells, a.parallel, a.launcher, a.keep_going, spec.keep_checkpoints)
