@@ -97,3 +97,38 @@ def test_a_grid_without_comparisons_is_refused(tmp_path):
     grid.write_text(yaml.safe_dump({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]]}))
     with pytest.raises(BertAccumError, match="no 'comparisons'"):
         load_study(tmp_path, grid)
+
+
+def test_the_masked_lm_comparison_through_the_trainer_and_its_check_against_the_loop(
+        tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """configs/study_mlm_converged.yaml's shape, tiny: global vs mean_of_means in the loop and through
+    ExactAccumulationTrainer, and the Trainer's global arm against the loop's (a check, not a bias)."""
+    from bert_accum.integrations.backend import run_trainer
+
+    mlm = {"objective": "mlm", "dropout": "invariant", "padding": "window"}
+    trainer = {**mlm, "backend": "exact_trainer", "batches": [[2, 4]]}
+    raw = {
+        "name": "mlm", "runs_dir": str(tmp_path / "runs"), "tasks": ["synthetic"], "batches": [[2, 4]], "seeds": [1, 2],
+        "arms": {"global": {**mlm, "loss_normalization": "global"},
+                 "mean_of_means": {**mlm, "loss_normalization": "mean_of_means"},
+                 "trainer_global": {**trainer, "loss_normalization": "global"},
+                 "trainer_mean_of_means": {**trainer, "loss_normalization": "mean_of_means"}},
+        "comparisons": {"mean_of_means": "global", "trainer_mean_of_means": "trainer_global",
+                        "trainer_global": "global"},
+        "shared": {"glue_dir": synthetic_glue_dir, "model_name_or_path": tiny_model_dir, "max_length": 32,
+                   "max_train_steps": 3, "learning_rate": 1e-3, "per_device_eval_batch_size": 32},
+    }
+    grid = tmp_path / "mlm.yaml"
+    grid.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for cell in expand(GridSpec.load(grid)):
+        (run_trainer if cell.config.backend == "exact_trainer" else run)(cell.config)
+    rows = {r["arm"]: r for r in pair_rows(load_study(tmp_path / "runs", grid))}
+    assert rows["mean_of_means"]["bias"] == rows["trainer_mean_of_means"]["bias"] == "mean_of_means"
+    check = rows["trainer_global"]
+    assert check["bias"] == "trainer_vs_loop" and check["verdict"] == "a check" and check["n"] == 2
+    assert check["max_abs_diff"] < 1e-6 and math.isnan(check["p_value"])  # out of the Holm family
+    # through the Trainer the comparison is the loop's, seed by seed
+    assert rows["trainer_mean_of_means"]["diffs"] == rows["mean_of_means"]["diffs"]
+    text = run_study([(tmp_path / "runs", grid)], tmp_path / "out", command="t")["markdown"].read_text()
+    assert "### The same loss through the Hugging Face Trainer (a check, not a bias)" in text
+    assert "trainer_global − global = " in text and "a check: largest |difference|" in text

@@ -129,6 +129,41 @@ def test_stock_trainer_factor_is_measured_and_recorded(train):
     assert not exact["divides_loss_by_accumulation_steps"]  # it scales the loss itself
 
 
+@pytest.mark.parametrize("normalization", ["global", "mean_of_means"])
+def test_exact_trainer_backend_reproduces_the_project_loop_on_masked_lm(train, normalization):
+    """Masked-LM at (2,4), invariant dropout, window padding: the exact trainer scores the same predicted tokens
+    of the same masks as the project's loop, under either normalisation, so every step is the loop's."""
+    flags = ("--objective", "mlm", "--padding", "window", "--loss_normalization", normalization)
+    ref = _steps(train("bert_accum", 2, 4, "invariant", 3, f"mlm-loop-{normalization}", flags))
+    exact_dir = train("exact_trainer", 2, 4, "invariant", 3, f"mlm-exact-{normalization}", flags)
+    rows = _steps(exact_dir)
+    assert [r["micro_items"] for r in rows] == [r["micro_items"] for r in ref]
+    assert len({n for r in ref for n in r["micro_items"]}) > 1  # micro-batches hold different token counts
+    for a, b in zip(rows, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        # the window's token mean: what global backpropagates, and what mean_of_means misweights
+        assert a["loss_factor"] == pytest.approx(1.0, rel=1e-6) if normalization == "global" else a["loss_factor"] != 1.0
+    final = _json(exact_dir, "final_metrics.json")["eval"]
+    assert final["masked_accuracy"] == _json(train.root / f"mlm-loop-{normalization}" / "B2_N4" / "seed1",
+                                             "final_metrics.json")["eval"]["masked_accuracy"]
+
+
+def test_stock_trainer_on_masked_lm_sums_n_token_means(train):
+    """Dropout off, first window (same weights): the stock Trainer backpropagates BERT's token mean of each
+    micro-batch, N of them summed, i.e. N x the loop's mean_of_means window loss; against the window's token
+    mean (global) that is the recorded loss factor."""
+    flags = ("--objective", "mlm", "--loss_normalization", "mean_of_means")
+    stock = _steps(train("trainer", 2, 4, "off", 1, "mlm-stock", flags))[0]
+    mom = _steps(train("bert_accum", 2, 4, "off", 1, "mlm-loop-mom-off", flags))[0]
+    glob = _steps(train("bert_accum", 2, 4, "off", 1, "mlm-loop-global-off",
+                        ("--objective", "mlm", "--loss_normalization", "global")))[0]
+    assert stock["loss"] == pytest.approx(4 * mom["loss"], rel=1e-5)
+    assert stock["window_mean_loss"] == pytest.approx(glob["loss"], rel=1e-5)
+    assert stock["loss_factor"] == pytest.approx(4 * mom["loss"] / glob["loss"], rel=1e-5)
+    assert stock["loss_factor"] != pytest.approx(4.0, rel=1e-6)  # N x a mean of means, not N x the token mean
+
+
 def test_clipping_is_measured_before_it_acts(train):
     """max_grad_norm below every norm: each row is clipped and records the norm before clipping."""
     d = train("trainer", 2, 4, "off", 3, "clip", ("--max_grad_norm", "1e-6"))
@@ -168,7 +203,7 @@ def test_sgd_in_the_project_loop_steps_minus_lr_times_gradient(tiny_model_dir, s
 @pytest.mark.parametrize("backend, flags, needle", [
     ("trainer", ("--dropout", "invariant"), "--dropout invariant"),
     ("trainer", ("--padding", "window"), "--padding window"),
-    ("exact_trainer", ("--objective", "mlm"), "--objective mlm"),
+    ("trainer", ("--objective", "mlm", "--loss_normalization", "global"), "--loss_normalization global"),
     ("exact_trainer", ("--checkpointing_steps", "2"), "checkpoints"),
 ])
 def test_unsupported_settings_are_refused_before_anything_runs(backend, flags, needle, tmp_path, capsys):

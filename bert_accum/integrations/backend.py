@@ -27,9 +27,13 @@ Trainer did not divide the micro-batch means by N (transformers 5.x with BERT he
 environment.json and final_metrics.json state the transformers version, what the Trainer's attributes say it
 does with the loss (``divides_loss_by_accumulation_steps``) and the factor measured on the first window.
 
-Limits (each refused with a one-line error): one process, fp32 or fp64, classification or regression; the
-stock Trainer only with standard or off dropout, dynamic or max_length padding and ``mean_of_means``
-normalisation (it has no other); no checkpoints, bug modes or trackers.
+Masked-LM (``--objective mlm``) trains through both: the collator's masks are the project's, so the exact trainer
+computes the loop's window loss with either ``--loss_normalization``; the stock Trainer backpropagates BERT's
+per-micro-batch token mean, N of them summed (``loss_factor`` about N, mean-of-means weighting).
+
+Limits (each refused with a one-line error): one process, fp32 or fp64; the stock Trainer only with standard or
+off dropout, dynamic or max_length padding and ``mean_of_means`` normalisation (it has no other); no
+checkpoints, bug modes or trackers.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def _recording(base: type) -> type:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            if self._record_kind == "mlm" and logits.dim() == 2:
+                labels = labels[labels != -100]  # ExactAccumulationTrainer's logits: predicted positions only
             with torch.no_grad():
                 dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
                 total, items = per_item_loss(logits.detach(), labels, self._record_kind, dtype)
@@ -179,8 +185,6 @@ def trainer_facts(trainer, backend: str) -> dict[str, Any]:
 def _check(cfg: TrainConfig) -> None:
     """Refuse what the Trainer backends do not reproduce, before anything is loaded."""
     problems = []
-    if cfg.objective != "classification":
-        problems.append("--objective mlm (the Trainer backends train the task's labels)")
     if cfg.precision not in ("fp32", "fp64"):
         problems.append(f"--precision {cfg.precision} (fp32 or fp64)")
     if cfg.checkpointing_steps or cfg.resume_from_checkpoint:
@@ -228,8 +232,6 @@ def run_trainer(cfg: TrainConfig) -> dict[str, Any]:
         cfg, dropout="standard" if exact else cfg.dropout, padding="dynamic" if cfg.padding == "window" else cfg.padding)
     s = setup(setup_cfg, 1, None)
     dropout_stream = torch.get_rng_state()  # what the project's loop draws its first masks from
-    if s.kind == "mlm":
-        raise BertAccumError(f"--backend {cfg.backend} does not support --objective mlm")
     print(s.arithmetic().replace("[bert_accum]", f"[bert_accum:{cfg.backend}]"), flush=True)
 
     sampler = PlanBatchSampler(s.plan)

@@ -22,6 +22,7 @@ from transformers import Trainer
 from ..controls.dropout import MODES as DROPOUT_MODES
 from ..controls.dropout import DropoutController
 from ..controls.loss import micro_loss_scale, per_item_loss
+from ..core.modeling import masked_lm_logits
 from ..errors import BertAccumError
 
 __all__ = ["ExactAccumulationTrainer"]
@@ -61,7 +62,9 @@ class ExactAccumulationTrainer(Trainer):
 
     Supported heads: sequence classification, regression (``num_labels == 1``) and token-level labels
     with -100 for positions that are not predicted (masked-LM). The loss is computed here from the
-    logits, so the result does not depend on whether the model consumes ``num_items_in_batch``. Logged
+    logits, so the result does not depend on whether the model consumes ``num_items_in_batch``. For
+    masked-LM only the predicted positions are scored: in training, ``compute_loss(return_outputs=True)``
+    returns ``{"logits": ...}`` of those positions alone, one row per label that is not -100. Logged
     ``loss`` is the window loss and ``grad_norm`` the norm of the accumulated gradient before clipping.
     Evaluation is the stock Trainer's.
     """
@@ -141,14 +144,21 @@ class ExactAccumulationTrainer(Trainer):
                                          num_items_in_batch=num_items_in_batch)
         window = self._window
         labels = inputs.pop("labels")
+        kind, examples = self._loss_kind(labels), len(labels)
         if self.dropout_mode == "invariant":
             self.dropout_control.set_batch(self._example_ids, window.epoch)
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if kind == "mlm":
+            # only the predicted positions are scored (the project's loop does the same): the vocabulary
+            # projection of every other position is most of a masked-LM step's cost and changes nothing
+            logits, labels = masked_lm_logits(model, inputs, labels)
+            outputs = {"logits": logits}
+        else:
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss_sum, micro_items = per_item_loss(logits, labels, self._loss_kind(labels), dtype)
+        loss_sum, micro_items = per_item_loss(logits, labels, kind, dtype)
         loss = loss_sum * micro_loss_scale(
-            normalization=self.loss_normalization, micro_items=max(micro_items, 1), micro_examples=len(labels),
+            normalization=self.loss_normalization, micro_items=max(micro_items, 1), micro_examples=examples,
             window_items=max(window.items, 1), window_examples=window.examples,
             accumulation_steps=window.micro_steps, num_processes=self.accelerator.num_processes, one_over_n=False,
         )

@@ -86,6 +86,14 @@ BIASES: dict[str, dict[str, str]] = {
                "loss uses `num_items_in_batch`); with `Accelerator(gradient_accumulation_steps=N)`, "
                "`accelerator.backward` divides by N whatever the window holds, so rescale the last window's loss.",
     },
+    "trainer_vs_loop": {
+        "title": "The same loss through the Hugging Face Trainer (a check, not a bias)",
+        "mechanism": "`ExactAccumulationTrainer` (`--backend exact_trainer`) computes this project's window loss from "
+                     "the same micro-batches, masks and dropout, so with the same settings it should train the same "
+                     "run up to float round-off; any difference here would be the Trainer's, not accumulation's.",
+        "fix": "none needed where the difference is round-off; `bert_accum.ExactAccumulationTrainer(loss_normalization="
+               "\"global\")` is the global-normalised path of the HF Trainer for BERT's masked-LM head.",
+    },
     "clip_per_micro_batch": {
         "title": "Gradient clipping after every micro-batch",
         "mechanism": "`clip_grad_norm_` inside the micro-batch loop clips the partial sum after each backward, so "
@@ -97,7 +105,7 @@ BIASES: dict[str, dict[str, str]] = {
 }
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
                 "n", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
-                "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
+                "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
 LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
 CURVE_COLUMNS = ("study", "arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
@@ -132,18 +140,21 @@ def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
 
 
 def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
-    """The bias an arm reproduces against its reference: its bug mode, or ``mean_of_means``."""
+    """The bias an arm reproduces against its reference: its bug mode, ``mean_of_means``, or ``trainer_vs_loop``
+    (the same settings through another backend: a check that the two loops agree)."""
     from ..controls.bugs import canonical_bug_names
 
     bugs = [b for b in canonical_bug_names(arm_values.get("bug_modes"))
             if b not in canonical_bug_names(ref_values.get("bug_modes"))]
     if len(bugs) == 1:
         return bugs[0]
-    if not bugs and arm_values.get("loss_normalization", "mean_of_means") == "mean_of_means" \
-            and ref_values.get("loss_normalization") == "global":
+    norm, ref_norm = (v.get("loss_normalization", "mean_of_means") for v in (arm_values, ref_values))
+    if not bugs and norm == "mean_of_means" and ref_norm == "global":
         return "mean_of_means"
+    if not bugs and norm == ref_norm and arm_values.get("backend", "bert_accum") != ref_values.get("backend", "bert_accum"):
+        return "trainer_vs_loop"
     raise BertAccumError(f"cannot name the bias of arm settings {arm_values} against {ref_values}: "
-                         "one bug mode, or mean_of_means against global, per comparison")
+                         "one bug mode, mean_of_means against global, or one loss through two backends, per comparison")
 
 
 def _optimizer(run) -> str:
@@ -203,6 +214,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
             for a, b in pairs:
                 check_pair(a, b, compared)
             diffs = [a.metric - b.metric for a, b in pairs]
+            check = bias == "trainer_vs_loop"
             lo, hi = (float(x) for x in t_interval(diffs)) if len(diffs) > 1 else (math.nan, math.nan)
             flips = [sum(x != y for x, y in zip(a.final_predictions, b.final_predictions))
                      for a, b in pairs if a.final_predictions is not None and b.final_predictions is not None]
@@ -217,7 +229,9 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
                 "detection_limit": max(abs(lo), abs(hi)) if not math.isnan(lo) else math.nan,
-                "p_value": stats.t_p(diffs), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                # a check is not a test of a bias: it stays out of the Holm family and is read by its largest |diff|
+                "p_value": math.nan if check else stats.t_p(diffs), "diffs": " ".join(f"{d:+.4f}" for d in diffs),
+                "max_abs_diff": max((abs(d) for d in diffs), default=math.nan),
                 "mean_disagreements": statistics.fmean(flips) if flips else math.nan,
                 "clipped_fraction_arm": statistics.fmean(_clipped_fraction(a) for a, _ in pairs) if pairs else math.nan,
                 "clipped_fraction_reference": statistics.fmean(_clipped_fraction(b) for _, b in pairs) if pairs else math.nan,
@@ -231,7 +245,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
     # Many comparisons are judged at once: a bias is claimed only at a Holm-adjusted 5% over all of them.
     for row, p in zip(rows, holm([r["p_value"] for r in rows])):
         row["p_holm"] = p
-        row["verdict"] = verdict(row["n"], p)
+        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p)
     return rows
 
 
@@ -302,6 +316,10 @@ def _effect(row: dict[str, Any]) -> str:
 
 
 def _reading(row: dict[str, Any]) -> str:
+    if row["verdict"] == "a check":
+        if row["n"] == 0:
+            return "a check: no pairs yet"
+        return f"a check: largest |difference| {row['max_abs_diff']:.2g} over {row['n']} pair(s)"
     if row["verdict"] == "a bias":
         return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":
