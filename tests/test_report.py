@@ -293,7 +293,12 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["answer.floor_equivalent"] == nums["answer.floor_decided"] >= 1
     # spread: ACC_DIFFS and FLOOR_DIFFS have sums of squares 20e-6 and 30e-6 about their means 0.001 and 0
     assert nums[f"{p}.spread.var_ratio"] == pytest.approx(20 / 30)
-    assert nums[f"{p}.spread.reading"] == "same spread, zero mean: a dropout re-seed (variance, not bias)"
+    assert nums[f"{p}.spread.reading"] == "the floor's spread and mean: a dropout re-seed (variance, not bias)"
+    # against the floor run of the same seed: ACC_DIFFS - FLOOR_DIFFS = [.004, -.002, .006, 0, .002, 0 x 5] (x 1e-3
+    # below): mean 0.001, sum of squares 50e-6, sd sqrt(50e-6 / 9), se 0.000745356; t(0.975, 9) = 2.262157
+    assert nums[f"{p}.spread.vs_floor_n"] == 10 and nums[f"{p}.spread.vs_floor_mean"] == pytest.approx(0.001, abs=1e-9)
+    assert nums[f"{p}.spread.vs_floor_ci95_low"] == pytest.approx(0.001 - 2.262157 * 0.000745356, abs=1e-8)
+    assert nums[f"{p}.spread.vs_floor_ci95_high"] == pytest.approx(0.001 + 2.262157 * 0.000745356, abs=1e-8)
     # disagreement: 1 of 10 labels vs 2 of 10 for the dropout floor
     assert nums[f"{p}.disagreement.mean"] == pytest.approx(0.1) and nums[f"{p}.disagreement.floor_mean"] == pytest.approx(0.2)
     assert nums[f"{p}.disagreement.ratio"] == pytest.approx(0.5)
@@ -324,6 +329,9 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
 
     text = render(nums, {})
     assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
+    row = [l for l in text.splitlines() if l.startswith("| sst2 | 8 | default | (2, 4) | 10 | 0.0015 |")][0]
+    assert "| +0.0010 [-6.86e-04, 0.0027] |" in row and row.endswith(
+        "| the floor's spread and mean: a dropout re-seed (variance, not bias) |")
     assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in text
     assert ("The same test on the dropout-only floor (two dropout seeds of (E, 1)): 2 of 2 equivalent. Smallest margin "
             "the runs show: sst2: (B, N) ±0.0019, a dropout re-seed ±0.0011 accuracy;") in text
@@ -338,7 +346,8 @@ def test_a_shifted_headline_pair_is_read_as_a_bias(tmp_path):
     p = "conv.sst2.e8.pair.default.B2_N4"
     # mean 0.021, 90% CI 0.021 +- 0.000864 lies beyond the 0.01 margin; the 95% interval excludes 0
     assert nums[f"{p}.tost.ci90_low"] > 0.01 and nums[f"{p}.verdict"] == "different"
-    assert nums[f"{p}.spread.reading"] == "nonzero mean (bias)" and nums[f"{p}.spread.t_p"] < 1e-6
+    assert nums[f"{p}.spread.reading"] == "nonzero mean against the dropout floor's (bias)"
+    assert nums[f"{p}.spread.t_p"] < 1e-6 and nums[f"{p}.spread.vs_floor_t_p"] < 1e-6
     assert nums["answer.state"] == "bias" and nums["answer.different"] == 2 and len(nums["answer.biased"]) == 2
     from bert_accum.study.templates import render
 

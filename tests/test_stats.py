@@ -134,4 +134,7 @@ def test_a_mean_shared_with_the_floor_is_no_bias():
     sp = stats.spread(diffs, floor)
     assert sp.t_p < 0.05 and stats.reading(sp).startswith("nonzero mean")
     matched = [d - f for d, f in zip(diffs, floor)]
-    assert stats.reading(sp, vs_floor_p=stats.t_p(matched)).startswith("same spread, zero mean")
+    assert stats.reading(sp, vs_floor_p=stats.t_p(matched)) == (
+        "the floor's spread and mean: a dropout re-seed (variance, not bias)")
+    shifted = [m + 0.002 for m in matched]  # (B, N) 0.002 above the floor run of every seed
+    assert stats.reading(sp, vs_floor_p=stats.t_p(shifted)) == "nonzero mean against the dropout floor's (bias)"

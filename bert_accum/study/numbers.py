@@ -40,7 +40,7 @@ from typing import Any, Iterable
 from ..controls.bugs import canonical_bug_names
 from ..errors import BertAccumError
 from . import stats
-from .plumbing import mean_std
+from .plumbing import mean_std, t_interval
 from .report import (BATCH_FACTOR, SEED_DIR, SEED_FIELDS, ConvergedStudy, EarlyStudy, Run, arm_rank, cell_identity, check_pair,
                      toy_example)
 
@@ -426,8 +426,10 @@ def _against_floor(nums: dict[str, Any], key: str, floor: str | None) -> None:
     vs_floor_p = stats.t_p(matched) if len(matched) > 1 else math.nan
     reading = (stats.reading(result, vs_floor_p=vs_floor_p) if nums[f"{key}.decided"] else nums[f"{key}.verdict"]
                if result.n else "no pairs yet")
+    lo, hi = t_interval(matched)
     _put(nums, f"{key}.spread", floor=floor or "", sd_ratio=sd_ratio, reading=reading, vs_floor_n=len(matched),
-         vs_floor_mean=statistics.fmean(matched) if matched else math.nan, vs_floor_t_p=vs_floor_p)
+         vs_floor_mean=statistics.fmean(matched) if matched else math.nan, vs_floor_ci95_low=lo,
+         vs_floor_ci95_high=hi, vs_floor_t_p=vs_floor_p)
     fm = nums.get(f"{floor}.disagreement.mean", math.nan) if floor else math.nan
     nums[f"{key}.disagreement.floor_mean"] = fm
     m = nums[f"{key}.disagreement.mean"]
@@ -451,7 +453,8 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                                     "verdict": nums[f"{k}.verdict"], "missing_seeds": " ".join(map(str, nums[f"{k}.missing_seeds"]))})
                 out["spread"].append({**base, **{f: nums[f"{k}.spread.{f}"] for f in (
                     "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "brown_forsythe_p",
-                    "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_t_p", "reading")}})
+                    "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_ci95_low", "vs_floor_ci95_high", "vs_floor_t_p",
+                    "reading")}})
                 out["disagreement"].append({**base, "n": nums[f"{k}.disagreement.n"], "mean": nums[f"{k}.disagreement.mean"],
                                             "sd": nums[f"{k}.disagreement.sd"], "floor_mean": nums[f"{k}.disagreement.floor_mean"],
                                             "ratio": nums[f"{k}.disagreement.ratio"]})
@@ -617,7 +620,7 @@ def _answer(nums: dict[str, Any]) -> None:
     readings = [nums[f"{k}.spread.reading"] for k in decided]
     if any(r.startswith("nonzero mean") for r in readings):
         decided_state = "bias"
-    elif readings and all(r.startswith("same spread") for r in readings):
+    elif readings and all(r.endswith("(variance, not bias)") for r in readings):
         decided_state = "variance"
     else:
         decided_state = "spread" if readings else "undecided"

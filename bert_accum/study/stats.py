@@ -215,7 +215,8 @@ def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
 
 
 def reading(s: Spread, alpha: float = 0.05, vs_floor_p: float = NAN) -> str:
-    """What the spread and mean tests say, first that applies: 'nonzero mean (bias)' (t or Wilcoxon p < alpha);
+    """What the spread and mean tests say, first that applies: 'nonzero mean (bias)' (t or Wilcoxon p < alpha;
+    with `vs_floor_p`, that paired test against the floor runs instead, and the readings name the floor's mean);
     'smaller' / 'larger spread than the dropout floor' (the variance ratio's interval below / above 1) or 'spread
     unlike the dropout floor' (Brown-Forsythe p < alpha only); else 'same spread, zero mean: a dropout re-seed
     (variance, not bias)'. 'not decidable' below two values per sample."""
@@ -223,19 +224,22 @@ def reading(s: Spread, alpha: float = 0.05, vs_floor_p: float = NAN) -> str:
         return "not decidable"
     # Given, `vs_floor_p` tests the pair's differences against the floor's of the same seeds ((B,N)_i - floor_i):
     # both are measured from the same (E, 1) runs, so a reference with a lucky dropout draw shifts both alike.
-    if not math.isnan(vs_floor_p):
+    against_floor = not math.isnan(vs_floor_p)
+    if against_floor:
         mean_shown = vs_floor_p < alpha
     else:
         mean_shown = s.t_p < alpha or (not math.isnan(s.wilcoxon_p) and s.wilcoxon_p < alpha)
     spread_shown = s.brown_forsythe_p < alpha or not (s.var_ratio_low <= 1 <= s.var_ratio_high)
     if mean_shown:
-        return "nonzero mean (bias)"
+        return "nonzero mean against the dropout floor's (bias)" if against_floor else "nonzero mean (bias)"
     if spread_shown:
         if s.var_ratio_high < 1:
             return "smaller spread than the dropout floor"
         if s.var_ratio_low > 1:
             return "larger spread than the dropout floor"
         return "spread unlike the dropout floor"
+    if against_floor:
+        return "the floor's spread and mean: a dropout re-seed (variance, not bias)"
     return "same spread, zero mean: a dropout re-seed (variance, not bias)"
 
 

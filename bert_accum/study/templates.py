@@ -102,6 +102,15 @@ def _ratio_ci(nums: dict[str, Any], key: str) -> str:
     return f"{show(ratio, '3')} {_ci(nums, key, 'var_ratio_low', 'var_ratio_high', 3)}"
 
 
+def _vs_floor(nums: dict[str, Any], key: str) -> str:
+    """Mean of (B, N) minus the dropout floor run of the same seed, with its 95% interval (a dash without pairs)."""
+    mean = nums.get(f"{key}.vs_floor_mean")
+    if not isinstance(mean, (int, float)) or not math.isfinite(mean):
+        return "—"
+    ci = _ci(nums, key, "vs_floor_ci95_low", "vs_floor_ci95_high")
+    return show(mean, "signed") if ci == "—" else f"{show(mean, 'signed')} {ci}"
+
+
 def _pm(nums: dict[str, Any], key: str, m: str = "mean", s: str = "sd") -> str:
     mean, sd = nums.get(f"{key}.{m}"), nums.get(f"{key}.{s}")
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
@@ -235,13 +244,14 @@ TOST_NOTE = ("Paired differences (B, N) − (E, 1) of the final dev metric over 
              "{min_n} pairs, the others none below their planned number. Table: `study/{s}_tost.csv`.")
 SPREAD_HEAD = "### Variance or bias: against the dropout-only floor"
 SPREAD_COLS = ["task", "E", "arm", "(B, N)", "n", "sd", "floor n", "floor sd", "variance ratio [95% CI]",
-               "Brown–Forsythe p", "t p", "Wilcoxon p", "reading"]
+               "Brown–Forsythe p", "mean 0: t p", "mean − floor's [95% CI]", "vs floor: t p", "reading"]
 SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same init and data order. Brown–Forsythe "
-               "(Levene about the median) tests equal spread, the variance ratio's 95% F interval shows its size; the "
-               "one-sample t and Wilcoxon signed-rank tests ask whether the mean is 0. The reading asks instead whether "
-               "the mean is the floor's: a paired t test of (B, N) against the floor run of the same seed (p in the "
-               "table's `vs_floor_t_p`), because both are measured from the same (E, 1) runs and a reference with a "
-               "lucky dropout draw shifts both alike. Same spread and the floor's mean: the drift is a dropout "
+               "(Levene about the median) tests equal spread, the variance ratio's 95% F interval shows its size; "
+               "`mean 0` is the one-sample t test of whether the paired differences average 0 (the CSV adds the "
+               "Wilcoxon signed-rank test). The reading asks instead whether the mean is the floor's: (B, N) minus the "
+               "floor run of the same seed, its mean with a 95% t interval and a paired t test (`vs floor`), because "
+               "both are measured from the same (E, 1) runs and a reference with a lucky dropout draw shifts both "
+               "alike. Same spread and the floor's mean: the drift is a dropout "
                "re-seed, variance and not bias. Table: `study/{s}_spread.csv`.")
 DISAGREE_HEAD = "### Do paired runs predict the same dev labels?"
 DISAGREE_COLS = ["task", "E", "compared", "measure", "n", "paired runs", "dropout floor", "ratio"]
@@ -486,7 +496,8 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                  str(nums[k + ".spread.n_floor"]), show(nums[k + ".spread.floor_sd"]),
                  _ratio_ci(nums, k + ".spread"),
                  show(nums[k + ".spread.brown_forsythe_p"], "p"), show(nums[k + ".spread.t_p"], "p"),
-                 show(nums[k + ".spread.wilcoxon_p"], "p"), nums[k + ".spread.reading"]]
+                 _vs_floor(nums, k + ".spread"), show(nums[k + ".spread.vs_floor_t_p"], "p"),
+                 nums[k + ".spread.reading"]]
                 for task, E, label, k in _each(nums, s, "pair")]
         L += [table(SPREAD_COLS, rows), "", fill(SPREAD_NOTE, nums, s=s), ""]
         L += [DISAGREE_HEAD, ""]
