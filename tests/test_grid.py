@@ -78,6 +78,8 @@ def test_expansion_order_names_and_configs(tmp_path):
     ({"tasks": ["rte"], "seeds": [1, 2], "batches": [[8, 1]], "arms": {"a": {}, "b": {"seeds": [1]}},
       "comparisons": {"a": "b"}}, "not planned for every seed of arm a"),
     ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "run_first": ["rte/defualt"]}, "run_first prefix"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "changes": "more seeds"}, "'changes' must be a list"),
+    ({"tasks": ["rte"], "seeds": [1], "batches": [[8, 1]], "changes": ["more seeds", ""]}, "'changes' must be a list"),
 ])
 def test_bad_grids_are_one_line_errors(raw, message):
     with pytest.raises(BertAccumError, match=message):

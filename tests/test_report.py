@@ -175,6 +175,7 @@ task_overrides:
   stsb: {max_train_examples: 64}
 equivalence_margins: {sst2: {accuracy: 0.01}, stsb: {pearson: 0.01}}
 reference_thresholds: {sst2: {accuracy: 0.78}, stsb: {pearson: 0.70}}
+changes: ["2026-12-01, after seed 1's (8,1) run: more training examples; that run was rerun."]
 """
 # Paired differences (2, 4) - (8, 1) and dropout-only floor differences, by seed 1..10.
 ACC_DIFFS = [0.002, -0.001, 0.003, 0.000, 0.001, 0.002, -0.001, 0.003, 0.000, 0.001]
@@ -319,6 +320,11 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     # the answer: all headline comparisons decided, variance not bias; the exact arm's switches from its configs
     assert nums["answer.state"] == "variance" and nums["answer.equivalent"] == 2
     assert nums["answer.exact_arm"] == "controlled"
+    # line 2: what one run pair differs by, mean |diff|, beside the dropout floor's: |ACC_DIFFS| and |FLOOR_DIFFS|
+    # both sum to 0.014 over 10 seeds
+    assert nums["answer.sst2.abs_mean"] == pytest.approx([0.0014] * 2) and nums["answer.sst2.floor_abs_mean"] == pytest.approx([0.0014] * 2)
+    assert nums["answer.exact_tasks"] == ["sst2", "stsb"] and nums["answer.exact_metrics"] == ["accuracy", "pearson"]
+    assert nums["answer.exact_decided"] and nums["answer.pending_runs"] == 0
     assert set(nums["answer.exact_switches"]) == {"--dropout invariant", "--padding window", "--loss_normalization global"}
     # how the runs were made: from config.json / environment.json
     assert nums["conv.sst2.setup.learning_rate"] == 1e-4 and nums["conv.sst2.setup.max_train_samples"] == 64
@@ -329,10 +335,15 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
 
     text = render(nums, {})
     assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
+    assert ("sst2: a run pair differs by 0.0014 accuracy on average (mean |(B, N) − (E, 1)| over seeds) against 0.0014 "
+            "for a dropout re-seed, |mean paired difference| 0.0010,") in text
+    assert "largest |paired difference| sst2 0.0000 accuracy, stsb 0.0000 pearson over 6 pairs)." in text
+    assert "Arms with runs still to come" not in text
     row = [l for l in text.splitlines() if l.startswith("| sst2 | 8 | default | (2, 4) | 10 | 0.0015 |")][0]
     assert "| +0.0010 [-6.86e-04, 0.0027] |" in row and row.endswith(
         "| the floor's spread and mean: a dropout re-seed (variance, not bias) |")
-    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epoch(s)." in text
+    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 0.5 epochs." in text
+    assert "E = 8: 8 optimizer steps (0 warmup) over 64 training examples: 1 epoch." in text
     assert ("The same test on the dropout-only floor (two dropout seeds of (E, 1)): 2 of 2 equivalent. Smallest margin "
             "the runs show: sst2: (B, N) ±0.0019, a dropout re-seed ±0.0011 accuracy;") in text
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
@@ -399,17 +410,35 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     lines = text[answer:text.index("## How the runs were made")].strip().splitlines()[2:]
     assert len(lines) == 5 and [ln[:2] for ln in lines] == ["1.", "2.", "3.", "4.", "5."]
     # sst2's headline pair has 9 of 10: nothing claimed for it; stsb's 10 of 10 is equivalent
+    # the spread the one decided comparison leaves possible: the top of its variance ratio's 95% interval
+    top = nums["conv.stsb.e8.pair.default.B2_N4.spread.var_ratio_high"]
+    assert nums["answer.var_ratio_high"] == top and 1 < top < 100
     assert ("1. **Decided for 1 of 2 headline comparisons (stsb default (2, 4) vs (8, 1)): variance, not bias: "
-            "the paired differences have the spread and the mean of the dropout-only floor's") in text
+            "the paired differences cannot be told from the dropout-only floor's, in spread or in mean; a variance up "
+            f"to {top:.2f}× the floor's is not ruled out, as if dropout had been re-seeded.**") in text
     assert "Still waiting: sst2 default (2, 4) vs (8, 1) (n = 9 of 10 pairs so far, no verdict yet)." in text
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | 9 of 10 |" in text and "not yet decidable (n = 9 of 10) |" in text
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not yet decidable (n = 9 of 10)"
+    # an undecided comparison shows no bound and no test results, which would read as verdicts
+    tost_row, spread_row = [ln for ln in text.splitlines() if ln.startswith("| sst2 | 8 | default | (2, 4)")][:2]
+    assert tost_row.endswith("| not yet decidable (n = 9 of 10) | — |")
+    assert spread_row.endswith("| — | — | — | — | — | not yet decidable (n = 9 of 10) |")
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
     # a task is shown its own probe table only
     assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the one-step dropout-only floor" in text
     assert "- stsb: no probe table of this task and objective" in text
     # how the runs were made comes from config.json / environment.json, not from prose
-    assert "learning rate 0.0001 (linear" in text and "max_train_samples 64" in text and "on test-cpu at commit(s) abc123" in text
+    assert "learning rate 0.0001 (linear" in text and "on test-cpu at commit abc123 with" in text
+    assert "3.11, 1 torch thread; the" in text and "optimizer adamw_torch" in text
+    # the grid file's record of design changes, printed where the report says how the runs were made
+    assert nums["conv.changes"] == ["2026-12-01, after seed 1's (8,1) run: more training examples; that run was rerun."]
+    setup = text[text.index("## How the runs were made"):text.index("## 1. ")]
+    assert "(recorded in `" in setup and "- 2026-12-01, after seed 1's (8,1) run: more training examples" in setup
+    assert "the first 64 training examples of the file (max_train_samples)" in text
+    assert "training stops after 64 examples of each seed's shuffled order (max_train_examples)" in text
+    # seed 10's (2, 4) run was never made: the setup says which arm waits and that the answer may change
+    assert ("Arms with runs still to come: default. Some of them are headline arms or dropout-only floors: lines 1–3 "
+            "of the answer may change.") in text
     assert "missing seeds" in text and "| sst2 | 8 | default | (2, 4) | 10 | 9 | none | 10 |" in text
     assert "- sst2: trivial baseline 0.6000 (accuracy of the majority class over the 10 dev labels" in text
     # no range whose two ends print the same, no unfilled field
@@ -523,6 +552,19 @@ def test_the_committed_early_tables_are_read_back():
     bug = next(s for s in studies["study_bugs"].summaries if s.arm == "bug_scheduler_in_micro_steps")
     assert bug.n_pairs == 3 and bug.diff_mean == pytest.approx(0.0745, abs=1e-4) and bug.ci_excludes_zero
     assert len(studies["study"].runs) == 108 and {r["optimizer_steps"] for r in studies["study"].runs} == {20}
+    from bert_accum.study import numbers
+
+    nums = numbers.compute([], list(studies.values()), {}, None, "command: test | git_commit: x")
+    # the bug recorded under its old name is reported under today's, in the table and in the answer alike
+    k = "early.study_bugs.cell.sst2.bug_scheduler_in_micro_steps.B8_N4"
+    assert nums[f"{k}.bug"] == "schedule_sized_in_micro_batches" and nums[f"{k}.arm"] == "bug_schedule_sized_in_micro_batches"
+    assert "bug_schedule_sized_in_micro_batches" in nums["early.study_bugs.arms"]
+    # CoLA's MCC is 0 in every 20-step classification run: those cells cannot show a difference and are named as such
+    constant = nums["early.study.constant"]
+    assert constant and all(nums[f"early.study.cell.{c}.std"] == 0 == nums[f"early.study.cell.{c}.seed_std"] for c in constant)
+    cola = {c for c in nums["early.study.cells"] if c.startswith("cola.") and nums[f"early.study.cell.{c}.metric"] == "matthews_correlation"
+            and nums[f"early.study.cell.{c}.n_pairs"] > 1}
+    assert cola and cola <= set(constant)
 
 
 def test_a_section_of_another_study_script_is_included_with_its_provenance(converged, tmp_path):
@@ -534,7 +576,11 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
                        "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n\n![norms](grad_norms.png) "
                        "[upstream](https://github.com/huggingface/transformers)\n")
     text = _build(root, grid, tmp_path / "out", sections=[str(section)]).read_text()
-    body = text.index("## The Hugging Face Trainer")
+    body = text.index("## 2. The Hugging Face Trainer")
+    # the evidence sections are numbered in the order they appear, the included one among them
+    numbers = [ln.split(".")[0] for ln in text.splitlines() if ln.startswith("## ") and ln[3].isdigit()]
+    assert len(numbers) >= 3 and numbers == [f"## {i}" for i in range(1, len(numbers) + 1)]
+    assert text.index("## 1. The converged study") < body < text.index("## 3. Why accumulation drifts")
     assert "4.000x" in text and text.index("command: python scripts/trainer_study.py | git_commit: abc", body) > body
     # the section's own files are linked from where REPORT.md is, not from where the section was written
     assert "![norms](../grad_norms.png)" in text and "(https://github.com/huggingface/transformers)" in text

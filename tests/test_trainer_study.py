@@ -107,4 +107,9 @@ def test_markdown_section_and_figure(study):
     assert "N = 1 check (seed 1): exact (8,1) - stock (8,1) = +0.0000" in sgd
     noclip = md.split("- plain SGD, no clipping: ")[1]
     assert noclip.startswith("the stock Trainer's (2,4) ends at -0.1950 [") and "Without clipping" in noclip
+    # the one-seed N = 1 check has no spread and no range to print; the others have both
+    assert "| plain SGD | ExactAccumulationTrainer | (8,1) | 1 | 0.8000 | — |" in md and "± —" not in md
+    assert "| plain SGD | stock transformers.Trainer | (8,1) | 3 | 0.8100 ± 0.0100 | 0.8000–0.8200 |" in md
+    assert "| plain SGD, no clipping | ExactAccumulationTrainer | (2,4) | 2 | 0.8000 ± 0.0000 | 0.8000 |" in md
+    assert "reaches the optimizer unclipped only on the other" in md
     assert study["figure"].stat().st_size > 10_000

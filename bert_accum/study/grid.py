@@ -28,6 +28,9 @@ the cells of the first entry (seed-major among themselves), then those of the ne
 spends a limited CPU budget on the comparisons that matter most first; cell indices do not change.
 ``comparisons`` ({arm: reference arm}) declares which arm each arm is judged against, cell by cell (same task,
 (B, N) and seed): e.g. every bug arm against the correct loop (`bert-accum bias-study` reads it).
+``changes`` (a list of sentences) records each change of the design made after runs had started: when, after
+which runs, what changed and why, and what became of the runs made before it. The grid does not read it; the
+report prints it where it says how the runs were made.
 
 Every cell becomes a `TrainConfig` through `TrainConfig.from_dict` (so a typo in a key is an error before
 anything runs) and is launched as ``python -m bert_accum.cli <flags>`` in its own process, optionally
@@ -81,7 +84,7 @@ from ..errors import BertAccumError
 GRID_KEYS = {
     "name", "runs_dir", "tasks", "effective_batch_size", "micro_batch_sizes", "batches", "seeds", "arms", "shared",
     "task_overrides", "keep_checkpoints", "seed_offsets", "equivalence_margins", "reference_thresholds",
-    "run_first", "comparisons",
+    "run_first", "comparisons", "changes",
 }
 # Keys of an arm that restrict or derive the arm's cells instead of setting a TrainConfig field.
 ARM_GRID_KEYS = ("seeds", "batches", "seed_offsets")
@@ -133,6 +136,8 @@ class GridSpec:
     """Groups of cell-name prefixes computed before the other cells, in this order."""
     comparisons: dict[str, str] = field(default_factory=dict)
     """{arm: the arm it is compared with at the same task, (B, N) and seed}."""
+    changes: list[str] = field(default_factory=list)
+    """Changes of the design made after runs had started, one sentence each (for the report)."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "grid") -> "GridSpec":
@@ -190,6 +195,7 @@ class GridSpec:
             reference_thresholds=_task_metric_values(raw.get("reference_thresholds"), f"{source}: reference_thresholds"),
             run_first=_run_first(raw.get("run_first"), list(raw["tasks"]), arms, source),
             comparisons=_comparisons(raw.get("comparisons"), arms, arm_seeds, arm_batches, source),
+            changes=list(raw.get("changes") or []),
         )
 
     @classmethod
@@ -289,6 +295,9 @@ def _check_types(raw: dict[str, Any], source: str) -> None:
         for name, value in (raw.get(key) or {}).items():
             if value is not None and not isinstance(value, dict):
                 raise BertAccumError(f"{source}: {key}.{name} must be a mapping, got {value!r}")
+    changes = raw.get("changes")
+    if changes is not None and (not isinstance(changes, list) or not all(isinstance(c, str) and c.strip() for c in changes)):
+        raise BertAccumError(f"{source}: 'changes' must be a list of sentences, got {changes!r}")
     for task, margins in (raw.get("equivalence_margins") or {}).items():
         for metric, margin in (margins or {}).items():
             if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:

@@ -62,7 +62,8 @@ CAUSES = (
     ("bf16", "controlled_bf16", "--precision fp32"),
 )
 # Settings printed in the "how the runs were made" section.
-SETUP_FIELDS = ("model_name_or_path", "max_length", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
+SETUP_FIELDS = ("model_name_or_path", "max_length", "optim", "learning_rate", "lr_scheduler_type", "warmup_ratio",
+                "weight_decay",
                 "max_grad_norm", "precision", "num_train_epochs", "max_train_samples", "max_train_examples",
                 "max_eval_samples", "glue_dir", "train_file", "validation_file", "per_device_eval_batch_size")
 PACKAGES = ("torch", "transformers", "accelerate", "datasets")
@@ -134,7 +135,7 @@ def _converged(nums: dict[str, Any], c: ConvergedStudy, glue_dir: str | None) ->
     tasks = sorted({cell.task for cell in c.planned} | {r.task for r in c.runs})
     _put(nums, p, grid=c.grid_file, root=str(c.root), tasks=tasks, planned=len(c.planned), finished=len(finished),
          unfinished=len(unfinished), missing=len(missing), missing_names=sorted(missing),
-         unfinished_names=sorted(unfinished), headline_arms=c.headline_arms)
+         unfinished_names=sorted(unfinished), headline_arms=c.headline_arms, changes=c.changes)
     _study_setup(nums, p, c)
     for task in tasks:
         _task(nums, c, task, glue_dir)
@@ -504,13 +505,18 @@ def _probes(nums: dict[str, Any], probes: dict[str, list[dict[str, Any]]]) -> No
 
 
 # ------------------------------------------------------------------------------------------ early training
+def _arm_name(arm: str) -> str:
+    """An early-study arm under today's name: a bug arm recorded under a bug's old name gets its new one."""
+    return "bug_" + canonical_bug_names([arm[4:]])[0] if arm.startswith("bug_") else arm
+
+
 def _early(nums: dict[str, Any], early: list[EarlyStudy]) -> None:
     bugs = []
     for st in early:
         p = f"early.{st.name}"
         steps = span(r.get("optimizer_steps") for r in st.runs)
         _put(nums, p, source=st.source, runs=len(st.runs), steps=steps, tasks=sorted({s.task for s in st.summaries}),
-             arms=sorted({s.arm for s in st.summaries}, key=arm_rank), seeds=sorted({int(r["seed"]) for r in st.runs}),
+             arms=sorted({_arm_name(s.arm) for s in st.summaries}, key=arm_rank), seeds=sorted({int(r["seed"]) for r in st.runs}),
              devices=one_or_list(r.get("device") for r in st.runs),
              train_hours=sum(float(r.get("train_seconds") or 0.0) for r in st.runs if not _nan(r.get("train_seconds"))) / 3600)
         if st.run_objects:
@@ -524,7 +530,7 @@ def _early(nums: dict[str, Any], early: list[EarlyStudy]) -> None:
             label = f"{s.task}.{cell_label(s.arm, s.micro_batch_size, s.accumulation_steps)}"
             labels.append(label)
             k = f"{p}.cell.{label}"
-            _put(nums, k, task=s.task, arm=s.arm, B=s.micro_batch_size, N=s.accumulation_steps, metric=s.metric_name,
+            _put(nums, k, task=s.task, arm=_arm_name(s.arm), B=s.micro_batch_size, N=s.accumulation_steps, metric=s.metric_name,
                  n=s.n, non_finite=s.non_finite, mean=s.mean, std=s.std, n_pairs=s.n_pairs, diff_mean=s.diff_mean,
                  diff_lo=s.diff_lo, diff_hi=s.diff_hi, ci_excludes_zero=bool(s.n_pairs > 1 and s.ci_excludes_zero),
                  seed_std=s.seed_std, rel_param_distance=s.rel_param_distance,
@@ -535,10 +541,14 @@ def _early(nums: dict[str, Any], early: list[EarlyStudy]) -> None:
                  last_learning_rate=one_or_list(r.get("last_learning_rate") for r in mine if "last_learning_rate" in r))
             if s.arm.startswith("bug_") and s.n_pairs:
                 bugs.append(k)
+                nums[f"{k}.bug"] = _arm_name(s.arm)[4:]
         nums[f"{p}.cells"] = labels
         paired = [lab for lab in labels if nums[f"{p}.cell.{lab}.n_pairs"] > 1 and not nums[f"{p}.cell.{lab}.arm"].startswith("bug_")]
         _put(nums, p, paired=len(paired), excluding_zero=[lab for lab in paired if nums[f"{p}.cell.{lab}.ci_excludes_zero"]],
-             n_pairs=span(nums[f"{p}.cell.{lab}.n_pairs"] for lab in paired))
+             n_pairs=span(nums[f"{p}.cell.{lab}.n_pairs"] for lab in paired),
+             # every seed of the cell and of its reference at one value (a constant predictor, e.g. the majority
+             # class): a difference cannot show there, so these cells say nothing about drift
+             constant=[lab for lab in paired if nums[f"{p}.cell.{lab}.std"] == 0 and nums[f"{p}.cell.{lab}.seed_std"] == 0])
     for k in bugs:
         study = k.split(".")[1]
         task, b, n = nums[f"{k}.task"], nums[f"{k}.B"], nums[f"{k}.N"]
@@ -645,7 +655,7 @@ def _answer(nums: dict[str, Any]) -> None:
          random=[c for c in nums["cause.ids"] if nums[f"cause.{c}.random_in"] and not nums[f"cause.{c}.systematic_in"]],
          roundoff=[c for c in nums["cause.ids"] if nums[f"cause.{c}.roundoff_in"] and not nums[f"cause.{c}.systematic_in"]
                    and not nums[f"cause.{c}.random_in"]],
-         bugs=canonical_bug_names([nums[f"{k}.arm"][4:] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"]]))
+         bugs=[nums[f"{k}.bug"] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"]])
     # Sizes per task (a fraction of dev labels and an RMS of regression outputs do not share a scale).
     tasks = list(dict.fromkeys(nums[f"{k}.task"] for k in pairs))
     nums["answer.tasks"] = tasks
@@ -656,6 +666,10 @@ def _answer(nums: dict[str, Any]) -> None:
              sd_ratio=span(nums[f"{k}.spread.sd_ratio"] for k in mine),
              floor_sd=span(nums[f"{k}.spread.floor_sd"] for k in mine),
              abs_diff=span(abs(nums[f"{k}.tost.mean"]) for k in mine if nums[f"{k}.n"]),
+             # what one run pair typically differs by, beside what one dropout re-seed does
+             abs_mean=span(statistics.fmean(abs(d) for d in nums[f"{k}.diffs"]) for k in mine if nums[f"{k}.diffs"]),
+             floor_abs_mean=span(nums.get(f"{nums[f'{k}.spread.floor']}.abs_mean", math.nan) for k in mine
+                                 if nums[f"{k}.spread.floor"]),
              disagreement=span(nums[f"{k}.disagreement.mean"] for k in mine),
              floor_disagreement=span(nums[f"{k}.disagreement.floor_mean"] for k in mine),
              bound=span(nums[f"{k}.tost.bound"] for k in mine if nums[f"{k}.decided"]),
@@ -667,13 +681,37 @@ def _answer(nums: dict[str, Any]) -> None:
          # not shown equivalent while a mere dropout re-seed is not either: the margin is finer than n runs resolve
          unresolved=[k for k in decided if nums[f"{k}.verdict"] == "not shown equivalent"
                      and nums[f"{k}.spread.floor"] in floors and nums[f"{nums[f'{k}.spread.floor']}.verdict"] != "equivalent"])
-    # The most exact non-headline arm: its largest |paired difference| over every pair, and what it switches.
+    # How large a spread the decided comparisons leave possible: the top of the variance ratios' 95% intervals.
+    nums["answer.var_ratio_high"] = max((nums[f"{k}.spread.var_ratio_high"] for k in decided
+                                         if math.isfinite(nums[f"{k}.spread.var_ratio_high"])), default=math.nan)
+    # The most exact non-headline arm: its largest |paired difference| over every pair, and what it switches;
+    # per task, because the tasks' metrics do not share a scale.
     exact = defaultdict(list)
     for k in others:
-        exact[k.split(".pair.")[1].split(".")[0]] += [abs(d) for d in nums[f"{k}.diffs"]]
-    best = min((a for a in exact if exact[a]), key=lambda a: max(exact[a]), default=None)
-    _put(nums, "answer", exact_arm=best or "", exact_max_abs_diff=max(exact[best]) if best else math.nan,
-         exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []))
+        exact[k.split(".pair.")[1].split(".")[0]] += [(nums[f"{k}.task"], abs(d)) for d in nums[f"{k}.diffs"]]
+    best = min((a for a in exact if exact[a]), key=lambda a: max(d for _, d in exact[a]), default=None)
+    mine = [k for k in others if k.split(".pair.")[1].split(".")[0] == best]
+    by_task: dict[str, float] = {}
+    for task, d in exact[best] if best else []:
+        by_task[task] = max(by_task.get(task, 0.0), d)
+    metric_of = {nums[f"{k}.task"]: nums[f"{nums[f'{k}.task_prefix']}.metric"] for k in mine}
+    _put(nums, "answer", exact_arm=best or "", exact_max_abs_diff=max(by_task.values()) if best else math.nan,
+         exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []),
+         exact_tasks=list(by_task), exact_by_task=list(by_task.values()),
+         exact_metrics=[metric_of[t] for t in by_task],
+         exact_planned=sum(nums[f"{k}.required"] for k in mine),
+         exact_decided=all(nums[f"{k}.decided"] for k in mine) if mine else False)
+    # Runs still to come, by arm, and whether any of them belongs to what lines 1-3 rest on (the headline arms and
+    # the dropout-only floors).
+    pending, planned, answer_arms = defaultdict(int), 0, set()
+    for s in nums["studies.converged"]:
+        planned += nums[f"{s}.planned"]
+        for name in nums[f"{s}.missing_names"] + nums[f"{s}.unfinished_names"]:
+            pending[name.split("/")[1]] += 1
+        answer_arms |= set(nums[f"{s}.headline_arms"])
+        answer_arms |= {nums[f"{nums[f'{k}.spread.floor']}.arm"] for k in pairs if nums[f"{k}.spread.floor"]}
+    _put(nums, "answer", pending_runs=sum(pending.values()), planned_runs=planned, pending_arms=sorted(pending),
+         pending_touches_answer=bool(set(pending) & answer_arms))
 
 
 def _record_switches(nums: dict[str, Any], converged: list[ConvergedStudy]) -> None:

@@ -548,6 +548,8 @@ class ConvergedStudy:
     grid_file: str
     started: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     """(config.json, environment.json) of every started run, finished or not: how the runs were made."""
+    changes: list[str] = field(default_factory=list)
+    """The grid file's record of design changes made after runs had started."""
 
 
 def load_converged(root: Path, grid_file: str | Path) -> ConvergedStudy:
@@ -581,7 +583,7 @@ def load_converged(root: Path, grid_file: str | Path) -> ConvergedStudy:
     return ConvergedStudy(
         name=root.name, root=root, runs=runs, unfinished=[str(d.relative_to(root)) for d in unfinished], planned=planned,
         headline_arms=headline, margins=spec.equivalence_margins, thresholds=spec.reference_thresholds,
-        grid_file=str(grid_file), started=started,
+        grid_file=str(grid_file), started=started, changes=spec.changes,
     )
 
 

@@ -331,10 +331,13 @@ def markdown(runs: list[TrainerRun], finals: list[dict[str, Any]], pairs: list[d
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in finals:
+        # one seed has no spread and no range
+        spread = f" ± {fmt(r['accuracy_std'])}" if r["n"] > 1 else ""
+        lo, hi = f"{r['accuracy_min']:.4f}", f"{r['accuracy_max']:.4f}"
+        span = "—" if r["n"] < 2 else lo if lo == hi else f"{lo}–{hi}"
         lines.append(
             f"| {OPTIMIZER_NAMES.get(r['optimizer'], r['optimizer'])} | {BACKEND_NAMES[r['backend']]} | "
-            f"({r['micro_batch_size']},{r['accumulation_steps']}) | {r['n']} | {r['accuracy_mean']:.4f} ± "
-            f"{fmt(r['accuracy_std'])} | {r['accuracy_min']:.4f}–{r['accuracy_max']:.4f} | "
+            f"({r['micro_batch_size']},{r['accumulation_steps']}) | {r['n']} | {r['accuracy_mean']:.4f}{spread} | {span} | "
             f"{r['fraction_clipped']:.3f} | {fmt(r['grad_norm_median'], 3)} | {fmt(r['loss_factor_first_window'], 4)} |")
     lines += ["", "Paired differences of final dev accuracy (same seed; mean and 95% Student-t interval; "
               "disagreements = dev examples the two runs label differently, mean over seeds):", "",
@@ -396,8 +399,9 @@ def _clipping(clip: dict[tuple, float], optim: str) -> str:
             f"{clip.get((optim, 'trainer', 2, 4), math.nan):.3f}, exact (2,4) "
             f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) "
             f"{clip.get((optim, 'trainer', 8, 1), math.nan):.3f}; a step clipped in both runs has the same norm "
-            "whatever the factor, so the stock Trainer's N-times gradient can change the update only on the other "
-            f"{1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps.")
+            "whatever the factor, so the stock Trainer's N-times gradient reaches the optimizer unclipped only on the "
+            f"other {1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps (with AdamW "
+            "its effect then carries on through the moment estimates, and the two runs' trajectories part).")
 
 
 def run_study(runs_dir: Path, output_dir: Path, probe_dir: Path | None = None, command: str | None = None) -> dict[str, Path]:
