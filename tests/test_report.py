@@ -565,6 +565,12 @@ def test_the_committed_early_tables_are_read_back():
     cola = {c for c in nums["early.study.cells"] if c.startswith("cola.") and nums[f"early.study.cell.{c}.metric"] == "matthews_correlation"
             and nums[f"early.study.cell.{c}.n_pairs"] > 1}
     assert cola and cola <= set(constant)
+    # an early arm's |paired difference| is given per task, in that task's metric, never averaged across metrics
+    arm = "early.arm.default"
+    assert nums[f"{arm}.absdiff_tasks"] == ["cola", "mrpc", "rte", "sst2", "stsb"]
+    assert nums[f"{arm}.absdiff_metrics"] == ["matthews_correlation", "f1", "accuracy", "accuracy", "pearson"]
+    sst2 = [abs(s.diff_mean) for s in studies["study"].summaries if s.task == "sst2" and s.arm == "default" and s.n_pairs]
+    assert nums[f"{arm}.absdiff_by_task"][3] == pytest.approx(sum(sst2) / len(sst2)) and nums[f"{arm}.absdiff_by_task"][0] == 0
 
 
 def test_a_section_of_another_study_script_is_included_with_its_provenance(converged, tmp_path):

@@ -484,10 +484,11 @@ def _interpretation(summary: list[dict[str, Any]], cfg: NormStudyConfig) -> str:
         kind = ("(B, N) computes a different function" if not all(_at_roundoff(g, prec) for g in grads)
                 else "the difference stays at round-off here")
         sentences.append(
-            f"With BatchNorm, {kind}: its gradient differs from the ({e}, 1) one by "
+            f"With BatchNorm, {kind}: its gradient differs from the ({e}, 1) one by a relative L2 of "
             + ", ".join(f"{s['grad_rel_l2_mean']:.2g} (B={s['micro_batch_size']})" for s in bn)
             + f" (mean of {bn[0]['n']} seeds, {trend}), because each micro-batch is normalised with its own "
-            f"mean and variance; its running statistics after the one window differ too (running_mean by "
+            f"mean and variance; its running statistics after the one window differ too (relative L2: running_mean "
+            f"by "
             f"{min(s['running_mean_rel_mean'] for s in bn):.2g}–{max(s['running_mean_rel_mean'] for s in bn):.2g}, "
             f"running_var by {min(s['running_var_rel_mean'] for s in bn):.2g}–"
             f"{max(s['running_var_rel_mean'] for s in bn):.2g}), since they are updated with momentum on every "

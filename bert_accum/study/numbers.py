@@ -575,7 +575,12 @@ def _early_arms(nums: dict[str, Any], early: list[EarlyStudy]) -> None:
         floors = [_last(curves, s.study, s.task, arm, "seed_floor") for s in sel]
         first = [c for c in curves if c["arm"] == arm and c["kind"] == "vs_reference" and math.isfinite(c["rel_param_distance"])]
         first_step = min((c["optimizer_step"] for c in first), default=None)
-        _put(nums, f"early.arm.{arm}", dist=_mean(dists), absdiff=_mean([abs(s.diff_mean) for s in sel]), floor=_mean(floors),
+        # per task: the tasks' metrics (accuracy, MCC, F1, Pearson) do not share a scale
+        tasks = list(dict.fromkeys(s.task for s in sel))
+        _put(nums, f"early.arm.{arm}", absdiff_tasks=tasks,
+             absdiff_by_task=[_mean([abs(s.diff_mean) for s in sel if s.task == t]) for t in tasks],
+             absdiff_metrics=[next(s.metric_name for s in sel if s.task == t) for t in tasks])
+        _put(nums, f"early.arm.{arm}", dist=_mean(dists), floor=_mean(floors),
              first_dist=_mean([c["rel_param_distance"] for c in first if c["optimizer_step"] == first_step]),
              dist_by_cell=[_last(curves, s.study, s.task, arm, "vs_reference", (s.micro_batch_size, s.accumulation_steps)) for s in sel])
 

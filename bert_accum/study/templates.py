@@ -349,9 +349,12 @@ CAUSE_PROBE = {
     "bf16": "- bf16 autocast (one step): relative L2 {rel}.",
 }
 CAUSE_NOT_PROBED = "- One step: {what} not probed in this report."
-EARLY_ARM_TEXT = ("- Early training, arm `{arm}`: final relative parameter distance to (E, 1) {dist} (seed floor "
-                  "{floor}; after the first step that moved the weights {first_dist}); mean |paired metric difference| "
-                  "{absdiff}.")
+EARLY_ARM_TEXT = ("- Early training, arm `{arm}`: at the last step its parameters are {dist} away from (E, 1) of the "
+                  "same seeds, relative to how far (E, 1) moved from the start (‖θ − θ_E1‖ / ‖θ_E1 − θ_0‖, mean over "
+                  "tasks and (B, N)); {first_dist} already after the first optimizer step that changed the weights; two "
+                  "(E, 1) runs of different seeds (head, order and dropout) end {floor} apart on the same scale. Mean "
+                  "|paired difference| of the final metric: {by_task}.")
+EARLY_ARM_TASK = "{task} {value} {metric}"
 BUGS_HEAD = "### Known loop bugs (early training, against the correct loop at the same (B, N) and seeds)"
 BUGS_COLS = ["bug", "task", "B", "N", "n", "optimizer steps", "correct loop steps", "last LR", "correct last LR",
              "paired diff", "95% CI", "seed std", "param dist"]
@@ -641,7 +644,10 @@ def _mechanism(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         # Early-training arms: the masked-LM ones measure the loss averaging, the others the dropout masks.
         arms = [a for a in nums["early.arms"] if (c == "loss_averaging") == a.startswith("mlm_")]
         if c in ("dropout", "loss_averaging"):
-            L += [fill(EARLY_ARM_TEXT, nums, f"early.arm.{a}", arm=a) for a in arms]
+            L += [fill(EARLY_ARM_TEXT, nums, f"early.arm.{a}", arm=a, by_task=", ".join(
+                fill(EARLY_ARM_TASK, nums, task=t, value=show(v), metric=m) for t, v, m in zip(
+                    nums[f"early.arm.{a}.absdiff_tasks"], nums[f"early.arm.{a}.absdiff_by_task"],
+                    nums[f"early.arm.{a}.absdiff_metrics"]))) for a in arms]
         L.append("")
     if nums["early.bugs"]:
         rows = [[nums[k + ".bug"], nums[k + ".task"], str(nums[k + ".B"]), str(nums[k + ".N"]), str(nums[k + ".n_pairs"]),
