@@ -67,6 +67,14 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     assert text.startswith("<!-- command: bias-study test")
     assert "### `lr_scheduler.step()` on every micro-batch" in text and "**Fix.**" in text
     assert "11 of 12 planned runs finished" in text
+    # the answer first; the comparison short of its planned pairs gets no verdict and stays out of the Holm family
+    rows = {r["arm"]: r for r in rows}
+    assert rows["sgd_last_window_1_over_n"]["verdict"] == "not yet decidable (n = 2 of 3)"
+    assert rows["sgd_last_window_1_over_n"]["p_holm"] == ""  # NaN: not tested
+    assert rows["scheduler_stepped_per_micro_batch"]["p_holm"] == rows["scheduler_stepped_per_micro_batch"]["p_value"]
+    summary = text.split("## The real biases at the end of training")[1].strip().splitlines()[0]
+    assert summary.startswith("**In short.** Of 2 comparisons of a bias with its fix, ")
+    assert summary.endswith("1 waits for pairs (2 of 3 finished).")
     assert files["lr_figure"].stat().st_size > 0 and files["curves_figure"].stat().st_size > 0
 
 
@@ -82,6 +90,7 @@ def test_a_pair_that_differs_in_another_setting_is_refused(bug_grid, tmp_path):
 def test_verdict_holm_and_bias_names():
     assert verdict(5, 0.01) == "a bias" and verdict(5, 0.2) == "below the detection limit"
     assert verdict(1, math.nan) == "too few pairs"
+    assert verdict(4, 0.001, planned=5) == "not yet decidable (n = 4 of 5)" and verdict(5, 0.001, planned=5) == "a bias"
     # Holm by hand: sorted 0.01, 0.02, 0.04 -> 3*0.01, max(0.03, 2*0.02), max(0.04, 1*0.04); NaN is no test
     assert holm([0.04, math.nan, 0.01, 0.02]) == pytest.approx([0.04, math.nan, 0.03, 0.04], nan_ok=True)
     assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])

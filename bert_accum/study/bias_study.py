@@ -12,7 +12,8 @@ with dropout and padding held fixed), and writes to the output folder (default `
 * ``lr.csv`` and ``lr.png``: the learning rate of every arm at every optimizer step (first seed), small multiples per
   optimizer and (B, N);
 * ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm;
-* ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --section``).
+* ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --section``),
+  opening with its answer. A comparison gets a verdict only once all its planned pairs have finished.
 
 A pair is two finished runs of the same grid cell name except the arm; they are refused (one line) when they differ
 in anything but the settings that distinguish the two arms in the grid file. Every file is headed by the command and
@@ -176,9 +177,11 @@ def _items_spread(run) -> tuple[float, float]:
     return (statistics.fmean(means), statistics.fmean(cvs)) if means else (math.nan, math.nan)
 
 
-def verdict(n: int, p_holm: float) -> str:
-    """'a bias' (Holm-adjusted p < 0.05 over all comparisons of the study), 'below the detection limit' or
-    'too few pairs'."""
+def verdict(n: int, p_holm: float, planned: int | None = None) -> str:
+    """'a bias' (Holm-adjusted p < 0.05 over all decided comparisons), 'below the detection limit', 'too few
+    pairs', or, while fewer than the `planned` pairs have finished, 'not yet decidable (n = k of m)'."""
+    if planned is not None and n < planned:
+        return f"not yet decidable (n = {n} of {planned})"
     if n < 2 or math.isnan(p_holm):
         return "too few pairs"
     return "a bias" if p_holm < 0.05 else "below the detection limit"
@@ -242,10 +245,12 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "items_per_micro_batch": statistics.fmean(m for m, _ in spread) if spread else math.nan,
                 "items_cv_within_window": statistics.fmean(c for _, c in spread) if spread else math.nan,
             })
-    # Many comparisons are judged at once: a bias is claimed only at a Holm-adjusted 5% over all of them.
-    for row, p in zip(rows, holm([r["p_value"] for r in rows])):
+    # Many comparisons are judged at once: a bias is claimed only at a Holm-adjusted 5% over all of them. A
+    # comparison still short of its planned pairs is not judged yet (judging it early would be optional stopping).
+    complete = [r["n"] >= r["planned"] for r in rows]
+    for row, p, done in zip(rows, holm([r["p_value"] if c else math.nan for r, c in zip(rows, complete)]), complete):
         row["p_holm"] = p
-        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p)
+        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"])
     return rows
 
 
@@ -319,18 +324,48 @@ def _reading(row: dict[str, Any]) -> str:
     if row["verdict"] == "a check":
         if row["n"] == 0:
             return "a check: no pairs yet"
-        return f"a check: largest |difference| {row['max_abs_diff']:.2g} over {row['n']} pair(s)"
+        return (f"a check: largest |difference| {row['max_abs_diff']:.2g} over {row['n']} "
+                f"{'pair' if row['n'] == 1 else 'pairs'}")
     if row["verdict"] == "a bias":
         return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":
         return (f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95% interval; "
                 f"Holm-adjusted p = {row['p_holm']:.2g})")
+    if row["verdict"].startswith("not yet decidable"):
+        return row["verdict"]
     return "too few pairs for an interval"
 
 
+def _summary(pairs: list[dict[str, Any]]) -> str:
+    """The section's answer first: which biases are shown, which stay below their detection limit, what waits."""
+    def named(rows: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{r['bias']} ({r['optimizer']}, ({r['micro_batch_size']},{r['accumulation_steps']}): "
+                         f"{_effect(r)} {r['metric']})" for r in rows)
+
+    tests = [r for r in pairs if r["verdict"] != "a check"]
+    shown = [r for r in tests if r["verdict"] == "a bias"]
+    below = [r for r in tests if r["verdict"] == "below the detection limit"]
+    waiting = [r for r in tests if r not in shown and r not in below]
+    parts = [f"**In short.** Of {len(tests)} comparisons of a bias with its fix, {len(shown)} "
+             f"{'shows' if len(shown) == 1 else 'show'} a bias at the end of training"
+             + (f": {named(shown)}" if shown else "")]
+    if below:
+        limits = []
+        for metric in dict.fromkeys(r["metric"] for r in below):  # metrics do not share a scale
+            lo, hi = (f"{f(r['detection_limit'] for r in below if r['metric'] == metric):.4f}" for f in (min, max))
+            limits.append(f"{lo if lo == hi else f'{lo}–{hi}'} {metric}")
+        parts.append(f"{len(below)} {'stays' if len(below) == 1 else 'stay'} below the detection limit "
+                     f"(largest |effect| the intervals leave possible: {', '.join(limits)})")
+    if waiting:
+        parts.append(f"{len(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for pairs "
+                     f"({sum(r['n'] for r in waiting)} of {sum(r['planned'] for r in waiting)} finished)")
+    return "; ".join(parts) + "."
+
+
 def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, figures: dict[str, str]) -> str:
-    """The section "The real biases at convergence": a summary table, then one subsection per bias."""
-    lines = [header(head, markdown=True), "", "## The real biases at the end of training", ""]
+    """The section "The real biases at convergence": the answer in one paragraph, a summary table, then one
+    subsection per bias."""
+    lines = [header(head, markdown=True), "", "## The real biases at the end of training", "", _summary(pairs), ""]
     for s in studies:
         done = len(s.runs)
         thr = "; ".join(f"{t} {m} ≥ {v:g}" for t, mv in s.thresholds.items() for m, v in mv.items())
