@@ -261,12 +261,15 @@ def curves(nums: dict[str, Any], s: str, path: Path) -> Path | None:
         for c in nums[f"{e}.cells"]:
             k = f"{e}.cell.{c}.curve"
             if nums[f"{k}.steps"]:
+                # (E, 1) broad and pale under its thin (B, N): an exact arm's two curves coincide and both show
+                reference = c.endswith("_N1")
                 ax.plot(nums[f"{k}.steps"], nums[f"{k}.mean"], marker="o", ms=3,
                         ls="-" if c.split(".")[0] in nums[f"{s}.headline_arms"] else "--",
+                        lw=3.5 if reference else 1.3, alpha=0.45 if reference else 1.0, zorder=2 if reference else 3,
                         label=f"{pretty(c)}, n={max(nums[k + '.n'])}")
         thr = nums[f"{s}.{task}.threshold"]
         if isinstance(thr, float) and math.isfinite(thr):
-            ax.axhline(thr, color="tab:green", lw=0.8, ls="--", label=f"reference threshold {thr:g}")
+            ax.axhline(thr, color="0.35", lw=0.8, ls=":", label=f"reference threshold {thr:g}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"dev {nums[f'{s}.{task}.metric']}")
         ax.set_title(f"{s} / {task}, E = {E}", fontsize=9)
