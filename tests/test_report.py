@@ -337,7 +337,9 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
     assert ("sst2: a run pair differs by 0.0014 accuracy on average (mean |(B, N) − (E, 1)| over seeds) against 0.0014 "
             "for a dropout re-seed, |mean paired difference| 0.0010,") in text
-    assert "largest |paired difference| sst2 0.0000 accuracy, stsb 0.0000 pearson over 6 pairs)." in text
+    assert ("its steps match (E, 1) to fp32 round-off; largest |paired difference| at the end sst2 0.0000 accuracy "
+            "(0.00× the dropout-only floor's sd), stsb 0.0000 pearson (0.00× the dropout-only floor's sd) over 6 pairs)."
+            ) in text
     assert "Arms with runs still to come" not in text
     row = [l for l in text.splitlines() if l.startswith("| sst2 | 8 | default | (2, 4) | 10 | 0.0015 |")][0]
     assert "| +0.0010 [-6.86e-04, 0.0027] |" in row and row.endswith(
@@ -669,3 +671,27 @@ def test_not_shown_equivalent_beside_an_equivalent_floor_is_not_excused(tmp_path
     nums = _numbers(root, grid)
     assert nums["conv.sst2.e8.pair.default.B2_N4.verdict"] == "not shown equivalent"
     assert nums["conv.sst2.e8.floor.dropout.verdict"] == "equivalent" and nums["answer.unresolved"] == []
+
+
+def test_the_step_at_which_paired_runs_part_is_read_from_their_training_losses(tmp_path):
+    """A controlled pair whose per-step loss gap grows tenfold a step (3e-7 ... 3 relative): it leaves 1e-4 at step
+    4 and 1e-2 at step 6; the answer names the first parting and the final difference against the floor's sd."""
+    root, grid, _ = write_converged(tmp_path)
+    run = root / "sst2" / "controlled" / "B2_N4" / "seed1"
+    (run / "steps.jsonl").write_text("".join(
+        json.dumps({"optimizer_step": s, "loss": 0.5 * (1 + 3 * 10.0 ** (s - 8)), "grad_norm": 1.0, "learning_rate": 1e-4})
+        + "\n" for s in range(1, 9)))
+    nums = _numbers(root, grid)
+    t = "conv.sst2.e8.pair.controlled.B2_N4.trajectory"
+    assert nums[f"{t}.steps"] == [8, 8, 8] and nums[f"{t}.apart_1e4"] == [4, None, None]
+    assert nums[f"{t}.apart_1e2"] == [6, None, None] and nums[f"{t}.max_rel"][0] == pytest.approx(3.0)
+    assert nums[f"{t}.max_rel"][1] == 0.0
+    # the headline pair's losses are equal at every step in these folders: never apart
+    assert nums["conv.sst2.e8.pair.default.B2_N4.trajectory.apart_1e4"] == [None] * 10
+    assert (nums["answer.exact_apart_step"], nums["answer.exact_apart_steps"], nums["answer.exact_apart_task"]) == (6, 8, "sst2")
+    from bert_accum.study.templates import render
+
+    text = render(nums, {})
+    assert "on sst2 their training losses differ by 1% from step 6 of 8)." in text
+    assert "| sst2 | 8 | controlled | (2, 4) vs (8, 1) | 1 | 8 | 4 | 6 | 3.00 | +0.0000 | 0.00 |" in text
+    assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | median of 10 | 8 | — | — | 0.00 |" in text

@@ -345,6 +345,29 @@ def _pair(nums: dict[str, Any], key: str, runs: dict[int, Run], refs: dict[int, 
     for f, v in result.as_dict().items():
         nums[f"{key}.tost.{f}"] = v
     _disagreement(nums, key, [_preds_gap(runs[s], refs[s], regression) for s in ok])
+    # How far apart the two runs train, step by step: the first optimizer step whose training loss differs by more
+    # than 1e-4 and 1e-2 relative (None: never). An exact arm matches every step to fp32 round-off, and over a long
+    # run that round-off can still grow until the pair parts.
+    gaps = [_loss_gaps(runs[s], refs[s]) for s in ok]
+    _put(nums, f"{key}.trajectory", steps=[len(g) for g in gaps],
+         apart_1e4=[_first_above(g, 1e-4) for g in gaps], apart_1e2=[_first_above(g, 1e-2) for g in gaps],
+         max_rel=[max((x for _, x in g), default=math.nan) for g in gaps])
+
+
+def _loss_gaps(a: Run, b: Run) -> list[tuple[int, float]]:
+    """(optimizer step, |loss_a - loss_b| / |loss_b|) at every optimizer step both runs recorded."""
+    la = {r["optimizer_step"]: r.get("loss") for r in a.steps}
+    out = []
+    for r in b.steps:
+        x, y = la.get(r["optimizer_step"]), r.get("loss")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(x) and math.isfinite(y) and y:
+            out.append((int(r["optimizer_step"]), abs(x - y) / abs(y)))
+    return out
+
+
+def _first_above(gaps: list[tuple[int, float]], threshold: float) -> int | None:
+    """The optimizer step at which the loss gap first exceeds `threshold`, None if it never does."""
+    return next((step for step, g in gaps if g > threshold), None)
 
 
 def _floors(nums: dict[str, Any], e: str, at_e: list[tuple], main_arms: list[str], by_cell: dict, plan: dict,
@@ -700,10 +723,23 @@ def _answer(nums: dict[str, Any]) -> None:
     for task, d in exact[best] if best else []:
         by_task[task] = max(by_task.get(task, 0.0), d)
     metric_of = {nums[f"{k}.task"]: nums[f"{nums[f'{k}.task_prefix']}.metric"] for k in mine}
+    # Against the dropout-only floor of the pair where each task's largest |difference| occurred.
+    floor_ratio = {}
+    for task, d in by_task.items():
+        k = max((k for k in mine if nums[f"{k}.task"] == task), key=lambda k: max(map(abs, nums[f"{k}.diffs"]), default=0.0))
+        fsd = nums.get(f"{k}.spread.floor_sd", math.nan)
+        floor_ratio[task] = d / fsd if isinstance(fsd, float) and math.isfinite(fsd) and fsd > 0 else math.nan
+    # The earliest step at which one of its pairs' training losses part by 1%, and the length of that run.
+    apart = [(step, total, nums[f"{k}.task"]) for k in mine for step, total in
+             zip(nums[f"{k}.trajectory.apart_1e2"], nums[f"{k}.trajectory.steps"]) if step is not None]
+    first_apart = min(apart, default=None)
     _put(nums, "answer", exact_arm=best or "", exact_max_abs_diff=max(by_task.values()) if best else math.nan,
          exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []),
          exact_tasks=list(by_task), exact_by_task=list(by_task.values()),
-         exact_metrics=[metric_of[t] for t in by_task],
+         exact_metrics=[metric_of[t] for t in by_task], exact_floor_ratio=[floor_ratio[t] for t in by_task],
+         exact_apart_step=first_apart[0] if first_apart else None,
+         exact_apart_steps=first_apart[1] if first_apart else None,
+         exact_apart_task=first_apart[2] if first_apart else None,
          exact_planned=sum(nums[f"{k}.required"] for k in mine),
          exact_decided=all(nums[f"{k}.decided"] for k in mine) if mine else False)
     # Runs still to come, by arm, and whether any of them belongs to what lines 1-3 rest on (the headline arms and

@@ -196,18 +196,21 @@ ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 
 ANSWER_ACT = {
     "variance": ("5. **What to do.** Accumulate as usual with a correct loop (each window's loss normalised as the "
                  "large batch's: not the loop bugs below, nor the stock HF Trainer's N-fold loss on BERT): in "
-                 "these runs it cost no more than another dropout seed. To make (B, N) reproduce (E, 1) instead, "
+                 "these runs it cost no more than another dropout seed. To make (B, N) take (E, 1)'s steps instead, "
                  "{exact}"),
     "bias": "5. **What to do.** Do not swap (B, N) for (E, 1) where a bias is shown; to remove it, {exact}",
-    "spread": "5. **What to do.** Check the spread table before relying on (B, N); to reproduce (E, 1), {exact}",
-    "undecided": "5. **What to do** until the comparisons are decided: to reproduce (E, 1) exactly, {exact}",
+    "spread": "5. **What to do.** Check the spread table before relying on (B, N); to take (E, 1)'s steps, {exact}",
+    "undecided": "5. **What to do** until the comparisons are decided: to take (E, 1)'s steps exactly, {exact}",
     "partial": ("5. **What to do.** Where decided, read line 1 (variance: accumulate as usual; a bias: do not swap "
-                "(B, N) for (E, 1) there); until the others are decided, to reproduce (E, 1) exactly, {exact}"),
-    "no data": "5. **What to do.** To reproduce (E, 1) exactly, {exact}",
+                "(B, N) for (E, 1) there); until the others are decided, to take (E, 1)'s steps exactly, {exact}"),
+    "no data": "5. **What to do.** To take (E, 1)'s steps exactly, {exact}",
 }
-ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: largest |paired difference| {by_task} over "
-                "{answer.exact_n} pairs{so_far}).")
-ANSWER_EXACT_TASK = "{task} {value} {metric}"
+ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: its steps match (E, 1) to fp32 round-off; largest "
+                "|paired difference| at the end {by_task} over {answer.exact_n} pairs{so_far}{apart}).")
+ANSWER_EXACT_TASK = "{task} {value} {metric} ({ratio}× the dropout-only floor's sd)"
+ANSWER_EXACT_APART = ("; in the longest runs the round-off still grows until the pair parts: on {answer.exact_apart_task} "
+                      "their training losses differ by 1% from step {answer.exact_apart_step} of "
+                      "{answer.exact_apart_steps}")
 ANSWER_EXACT_SO_FAR = " so far, of {answer.exact_planned} planned"
 SETUP_CHANGES = ("The design changed after runs had started (recorded in `{grid}` under `changes`, copied here as "
                  "written):")
@@ -289,6 +292,15 @@ FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seed
                "same grid seed. `TOST at ±margin` judges the floor's differences by the pairs' test and margin: where "
                "even a re-seed is not shown equivalent, the margin is tighter than the noise the runs can resolve. "
                "Table: `study/{s}_floors.csv`.")
+TRAJ_HEAD = "### Step by step: when do the paired runs part?"
+TRAJ_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "seed", "optimizer steps", "loss 1e-4 apart from step",
+             "loss 1e-2 apart from step", "largest loss gap", "final difference", "× floor sd"]
+TRAJ_NOTE = ("The training loss of (B, N) and (E, 1) at every optimizer step, as a relative gap |a − b| / |b|: the step "
+             "at which it first exceeds 1e-4 and 1e-2 (— never) and its largest value, beside the final dev-metric "
+             "difference and that difference over the dropout-only floor's sd. An exact arm starts at fp32 round-off "
+             "(about 1e-7); where training amplifies round-off, the gap still grows over a long run until the two runs "
+             "part like a dropout re-seed. With standard dropout the gap is open from the first step. Headline arms: "
+             "medians over seeds (of the final |difference| too) in the first rows; the others seed by seed.")
 CELLS_HEAD = "### Runs, failures and the reference bar"
 CELLS_COLS = ["task", "E", "arm", "(B, N)", "planned", "finished", "unfinished seeds", "missing seeds", "diverged",
               "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold", "steps clipped"]
@@ -465,10 +477,12 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     else:
         L.append(ANSWER_CAUSES_NONE)
     if nums["answer.exact_arm"]:
-        by_task = ", ".join(fill(ANSWER_EXACT_TASK, nums, task=t, value=show(v), metric=m) for t, v, m in zip(
-            nums["answer.exact_tasks"], nums["answer.exact_by_task"], nums["answer.exact_metrics"]))
+        by_task = ", ".join(fill(ANSWER_EXACT_TASK, nums, task=t, value=show(v), metric=m, ratio=show(r, "2"))
+                            for t, v, m, r in zip(nums["answer.exact_tasks"], nums["answer.exact_by_task"],
+                                                  nums["answer.exact_metrics"], nums["answer.exact_floor_ratio"]))
         exact = fill(ANSWER_EXACT, nums, switches=" ".join(nums["answer.exact_switches"]), by_task=by_task,
-                     so_far="" if nums["answer.exact_decided"] else fill(ANSWER_EXACT_SO_FAR, nums))
+                     so_far="" if nums["answer.exact_decided"] else fill(ANSWER_EXACT_SO_FAR, nums),
+                     apart=fill(ANSWER_EXACT_APART, nums) if nums["answer.exact_apart_step"] else "")
     else:
         exact = ANSWER_EXACT_NONE
     L += [fill(ANSWER_ACT[state], nums, exact=exact), ""]
@@ -489,6 +503,42 @@ def _size(nums: dict[str, Any], task: str) -> str:
     if nums[f"{p}.floor_sd"] is None and nums[f"{p}.floor_disagreement"] is None:
         parts.append(ANSWER_SIZE_NO_FLOOR)
     return ", ".join(parts)
+
+
+def _trajectories(nums: dict[str, Any], s: str) -> list[str]:
+    """When each pair's training losses part: headline arms as medians over seeds, every other arm seed by seed."""
+    import statistics
+
+    def step(v: Any) -> str:
+        return "—" if v is None else str(int(v))
+
+    def median_step(values: list[int | None]) -> str:
+        found = [v for v in values if v is not None]
+        return step(statistics.median(found)) if found else "—"
+
+    head_rows, rows = [], []
+    for task, E, label, k in _each(nums, s, "pair"):
+        t, seeds, fsd = f"{k}.trajectory", nums[f"{k}.seeds"], nums.get(f"{k}.spread.floor_sd")
+        if not seeds:
+            continue
+
+        def vs_floor(d: float) -> str:
+            return show(abs(d) / fsd, "2") if isinstance(fsd, float) and math.isfinite(fsd) and fsd > 0 else "—"
+
+        pair = [task, str(E), _arm(label), f"{_bn(label)} vs ({E}, 1)"]
+        if nums[f"{k}.headline"]:
+            final = statistics.median(abs(d) for d in nums[f"{k}.diffs"])
+            head_rows.append(pair + [f"median of {len(seeds)}", step(statistics.median(nums[f"{t}.steps"])),
+                                     median_step(nums[f"{t}.apart_1e4"]), median_step(nums[f"{t}.apart_1e2"]),
+                                     show(statistics.median(nums[f"{t}.max_rel"]), "2"), show(final), vs_floor(final)])
+            continue
+        for i, seed in enumerate(seeds):
+            rows.append(pair + [str(seed), str(nums[f"{t}.steps"][i]), step(nums[f"{t}.apart_1e4"][i]),
+                                step(nums[f"{t}.apart_1e2"][i]), show(nums[f"{t}.max_rel"][i], "2"),
+                                show(nums[f"{k}.diffs"][i], "signed"), vs_floor(nums[f"{k}.diffs"][i])])
+    if not rows and not head_rows:
+        return []
+    return [TRAJ_HEAD, "", table(TRAJ_COLS, head_rows + rows), "", TRAJ_NOTE, ""]
 
 
 def _plural(value: Any, word: str) -> str:
@@ -585,6 +635,7 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                  show(nums[k + ".abs_mean"]), _pm(nums, k + ".disagreement"), nums[k + ".verdict"], _within(nums, k)]
                 for task, E, kind, k in _each(nums, s, "floor")]
         L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s), ""]
+        L += _trajectories(nums, s)
         L += [CELLS_HEAD, ""]
         rows = []
         for task, E, label, k in _each(nums, s, "cell"):
