@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bert_accum.errors import BertAccumError
-from bert_accum.study.bias_study import bias_of, holm, load_study, pair_rows, run_study, verdict
+from bert_accum.study.bias_study import judge, bias_of, holm, load_study, pair_rows, run_study, verdict
 from bert_accum.core.train import run
 from bert_accum.study.grid import GridSpec, expand
 
@@ -71,7 +71,10 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     rows = {r["arm"]: r for r in rows}
     assert rows["sgd_last_window_1_over_n"]["verdict"] == "not yet decidable (n = 2 of 3)"
     assert rows["sgd_last_window_1_over_n"]["p_holm"] == ""  # NaN: not tested
-    assert rows["scheduler_stepped_per_micro_batch"]["p_holm"] == rows["scheduler_stepped_per_micro_batch"]["p_value"]
+    # the family is the planned one from the start: the unfinished comparison counts as p = 1, so the finished one's
+    # Holm p is twice its own (two comparisons), capped at 1
+    sched = rows["scheduler_stepped_per_micro_batch"]
+    assert float(sched["p_holm"]) == pytest.approx(min(1.0, 2 * float(sched["p_value"])))
     summary = text.split("## The real biases at the end of training")[1].strip().splitlines()[0]
     assert summary.startswith("**In short.** Of 2 comparisons of a bias with its fix, ")
     assert summary.endswith("1 waits for pairs (2 of 3 finished).")
@@ -99,6 +102,21 @@ def test_verdict_holm_and_bias_names():
                    {"objective": "mlm", "loss_normalization": "global"}) == "mean_of_means"
     with pytest.raises(BertAccumError):
         bias_of({"dropout": "invariant"}, {})
+
+
+def test_an_unfinished_comparison_counts_in_the_holm_family_as_p_1():
+    """Two planned comparisons, one finished (p 0.02) and one not (p 0.001 so far): the finished one is judged in a
+    family of two, 2 x 0.02 = 0.04; the other waits; the Trainer check is no test."""
+    rows = [{"bias": "a", "n": 5, "planned": 5, "p_value": 0.02},
+            {"bias": "b", "n": 3, "planned": 5, "p_value": 0.001},
+            {"bias": "trainer_vs_loop", "n": 3, "planned": 3, "p_value": math.nan}]
+    judge(rows)
+    assert rows[0]["p_holm"] == pytest.approx(0.04) and rows[0]["verdict"] == "a bias"
+    assert math.isnan(rows[1]["p_holm"]) and rows[1]["verdict"] == "not yet decidable (n = 3 of 5)"
+    assert rows[2]["verdict"] == "a check" and math.isnan(rows[2]["p_holm"])
+    rows[1].update(n=5, p_value=0.03)  # once it finishes the first verdict can only strengthen: 0.02 x 2 stays 0.04
+    judge(rows)
+    assert rows[0]["p_holm"] == pytest.approx(0.04) and rows[1]["p_holm"] == pytest.approx(0.04)
 
 
 def test_a_grid_without_comparisons_is_refused(tmp_path):

@@ -337,7 +337,7 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
     assert ("sst2: a run pair differs by 0.0014 accuracy on average (mean |(B, N) − (E, 1)| over seeds) against 0.0014 "
             "for a dropout re-seed, |mean paired difference| 0.0010,") in text
-    assert ("its steps match (E, 1) to fp32 round-off; largest |paired difference| at the end sst2 0.0000 accuracy "
+    assert ("its first steps match (E, 1) to fp32 round-off; largest |paired difference| at the end sst2 0.0000 accuracy "
             "(0.00× the dropout-only floor's sd), stsb 0.0000 pearson (0.00× the dropout-only floor's sd) over 6 pairs)."
             ) in text
     assert "Arms with runs still to come" not in text
@@ -582,8 +582,9 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
     section = tmp_path / "trainer.md"
     section.write_text("<!-- command: python scripts/trainer_study.py | git_commit: abc -->\n## The Hugging Face Trainer\n\n"
                        "The stock Trainer's (2,4) gradient was 4.000x the (8,1) one.\n\n![norms](grad_norms.png) "
-                       "[upstream](https://github.com/huggingface/transformers)\n")
+                       "[upstream](https://github.com/huggingface/transformers)\n\n## Its own second heading\n")
     text = _build(root, grid, tmp_path / "out", sections=[str(section)]).read_text()
+    assert "\n## Its own second heading\n" in text  # only an included section's first heading is numbered
     body = text.index("## 2. The Hugging Face Trainer")
     # the evidence sections are numbered in the order they appear, the included one among them
     numbers = [ln.split(".")[0] for ln in text.splitlines() if ln.startswith("## ") and ln[3].isdigit()]
@@ -689,9 +690,21 @@ def test_the_step_at_which_paired_runs_part_is_read_from_their_training_losses(t
     # the headline pair's losses are equal at every step in these folders: never apart
     assert nums["conv.sst2.e8.pair.default.B2_N4.trajectory.apart_1e4"] == [None] * 10
     assert (nums["answer.exact_apart_step"], nums["answer.exact_apart_steps"], nums["answer.exact_apart_task"]) == (6, 8, "sst2")
+    from bert_accum.study.numbers import converged_tables
+
+    row = next(r for r in converged_tables(nums, "conv")["trajectory"] if r["cell"] == "controlled.B2_N4" and r["seed"] == 1)
+    assert (row["task"], row["apart_1e4"], row["apart_1e2"]) == ("sst2", 4, 6) and row["first_rel"] == pytest.approx(3e-7)
     from bert_accum.study.templates import render
 
     text = render(nums, {})
-    assert "on sst2 their training losses differ by 1% from step 6 of 8)." in text
+    assert "its first steps match (E, 1) to fp32 round-off;" in text
+    assert "on sst2 one pair's training losses differ by 1% from step 6 of 8)." in text
     assert "| sst2 | 8 | controlled | (2, 4) vs (8, 1) | 1 | 8 | 4 | 6 | 3.00 | +0.0000 | 0.00 |" in text
-    assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | median of 10 | 8 | — | — | 0.00 |" in text
+    assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | median of 10 | 8 | none of 10 | none of 10 | 0.00 |" in text
+    # a pair 0.2% apart from its first step does not start at round-off: the arm is only the closest one
+    run2 = root / "sst2" / "controlled" / "B2_N4" / "seed2"
+    (run2 / "steps.jsonl").write_text("".join(
+        json.dumps({"optimizer_step": s, "loss": 0.501, "grad_norm": 1.0, "learning_rate": 1e-4}) + "\n" for s in range(1, 9)))
+    nums = _numbers(root, grid)
+    assert not nums["answer.exact_roundoff"] and nums["answer.exact_first_gap"] == pytest.approx(0.002)
+    assert "(arm `controlled`: the closest arm, though its first steps differ from (E, 1)'s by up to 0.002" in render(nums, {})

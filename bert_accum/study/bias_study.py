@@ -245,13 +245,21 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "items_per_micro_batch": statistics.fmean(m for m, _ in spread) if spread else math.nan,
                 "items_cv_within_window": statistics.fmean(c for _, c in spread) if spread else math.nan,
             })
-    # Many comparisons are judged at once: a bias is claimed only at a Holm-adjusted 5% over all of them. A
-    # comparison still short of its planned pairs is not judged yet (judging it early would be optional stopping).
-    complete = [r["n"] >= r["planned"] for r in rows]
-    for row, p, done in zip(rows, holm([r["p_value"] if c else math.nan for r, c in zip(rows, complete)]), complete):
-        row["p_holm"] = p
-        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"])
+    judge(rows)
     return rows
+
+
+def judge(rows: list[dict[str, Any]]) -> None:
+    """Set each row's Holm-adjusted p and verdict. Many comparisons are judged at once: a bias is claimed only at a
+    Holm-adjusted 5% over all of them. A comparison still short of its planned pairs is not judged yet and counts in
+    the family as p = 1, so the family is the planned one from the start and a verdict can only strengthen as the
+    others finish. A check (`trainer_vs_loop`) is no test and stays out of the family."""
+    complete = [r["n"] >= r["planned"] for r in rows]
+    family = [r["p_value"] if done else 1.0 if r["bias"] != "trainer_vs_loop" else math.nan
+              for r, done in zip(rows, complete)]
+    for row, p, done in zip(rows, holm(family), complete):
+        row["p_holm"] = p if done else math.nan
+        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"])
 
 
 def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
@@ -345,7 +353,8 @@ def _summary(pairs: list[dict[str, Any]]) -> str:
     tests = [r for r in pairs if r["verdict"] != "a check"]
     shown = [r for r in tests if r["verdict"] == "a bias"]
     below = [r for r in tests if r["verdict"] == "below the detection limit"]
-    waiting = [r for r in tests if r not in shown and r not in below]
+    waiting = [r for r in tests if r["verdict"].startswith("not yet decidable")]
+    unjudgeable = [r for r in tests if r["verdict"] == "too few pairs"]
     parts = [f"**In short.** Of {len(tests)} comparisons of a bias with its fix, {len(shown)} "
              f"{'shows' if len(shown) == 1 else 'show'} a bias at the end of training"
              + (f": {named(shown)}" if shown else "")]
@@ -359,6 +368,8 @@ def _summary(pairs: list[dict[str, Any]]) -> str:
     if waiting:
         parts.append(f"{len(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for pairs "
                      f"({sum(r['n'] for r in waiting)} of {sum(r['planned'] for r in waiting)} finished)")
+    if unjudgeable:
+        parts.append(f"{len(unjudgeable)} cannot be judged (fewer than 2 pairs planned or finished)")
     return "; ".join(parts) + "."
 
 

@@ -61,6 +61,9 @@ CAUSES = (
     ("fp32_order", "controlled", "--precision fp64"),
     ("bf16", "controlled_bf16", "--precision fp32"),
 )
+# A pair whose training losses differ by less than this at the first optimizer step starts at fp32 round-off (the
+# one-step probe measures 1e-7 relative for the exact arm; a dropout re-seed 1e-3 and more).
+ROUNDOFF_FIRST_STEP = 1e-5
 # Settings printed in the "how the runs were made" section.
 SETUP_FIELDS = ("model_name_or_path", "max_length", "optim", "learning_rate", "lr_scheduler_type", "warmup_ratio",
                 "weight_decay",
@@ -351,7 +354,8 @@ def _pair(nums: dict[str, Any], key: str, runs: dict[int, Run], refs: dict[int, 
     gaps = [_loss_gaps(runs[s], refs[s]) for s in ok]
     _put(nums, f"{key}.trajectory", steps=[len(g) for g in gaps],
          apart_1e4=[_first_above(g, 1e-4) for g in gaps], apart_1e2=[_first_above(g, 1e-2) for g in gaps],
-         max_rel=[max((x for _, x in g), default=math.nan) for g in gaps])
+         max_rel=[max((x for _, x in g), default=math.nan) for g in gaps],
+         first_rel=[g[0][1] if g else math.nan for g in gaps])
 
 
 def _loss_gaps(a: Run, b: Run) -> list[tuple[int, float]]:
@@ -461,7 +465,7 @@ def _against_floor(nums: dict[str, Any], key: str, floor: str | None) -> None:
 
 
 def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[str, Any]]]:
-    """The converged study's tables as CSV rows: tost, spread, floors, disagreement, cells."""
+    """The converged study's tables as CSV rows: tost, spread, trajectory, floors, disagreement, cells."""
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for task in nums.get(f"{study}.tasks", []):
         t = f"{study}.{task}"
@@ -479,6 +483,13 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                     "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "brown_forsythe_p",
                     "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_ci95_low", "vs_floor_ci95_high", "vs_floor_t_p",
                     "reading")}})
+                t = f"{k}.trajectory"
+                out["trajectory"] += [{**base, "seed": seed, "diff": d, "steps": n, "apart_1e4": a4, "apart_1e2": a2,
+                                       "first_rel": f, "max_rel": m}
+                                      for seed, d, n, a4, a2, f, m in zip(
+                                          nums[f"{k}.seeds"], nums[f"{k}.diffs"], nums[f"{t}.steps"],
+                                          nums[f"{t}.apart_1e4"], nums[f"{t}.apart_1e2"], nums[f"{t}.first_rel"],
+                                          nums[f"{t}.max_rel"])]
                 out["disagreement"].append({**base, "n": nums[f"{k}.disagreement.n"], "mean": nums[f"{k}.disagreement.mean"],
                                             "sd": nums[f"{k}.disagreement.sd"], "floor_mean": nums[f"{k}.disagreement.floor_mean"],
                                             "ratio": nums[f"{k}.disagreement.ratio"]})
@@ -571,7 +582,8 @@ def _early(nums: dict[str, Any], early: list[EarlyStudy]) -> None:
              n_pairs=span(nums[f"{p}.cell.{lab}.n_pairs"] for lab in paired),
              # every seed of the cell and of its reference at one value (a constant predictor, e.g. the majority
              # class): a difference cannot show there, so these cells say nothing about drift
-             constant=[lab for lab in paired if nums[f"{p}.cell.{lab}.std"] == 0 and nums[f"{p}.cell.{lab}.seed_std"] == 0])
+             constant=[lab for lab in paired if nums[f"{p}.cell.{lab}.std"] == 0 == nums[f"{p}.cell.{lab}.seed_std"]
+                       and nums[f"{p}.cell.{lab}.diff_mean"] == 0])
     for k in bugs:
         study = k.split(".")[1]
         task, b, n = nums[f"{k}.task"], nums[f"{k}.B"], nums[f"{k}.N"]
@@ -683,7 +695,7 @@ def _answer(nums: dict[str, Any]) -> None:
          random=[c for c in nums["cause.ids"] if nums[f"cause.{c}.random_in"] and not nums[f"cause.{c}.systematic_in"]],
          roundoff=[c for c in nums["cause.ids"] if nums[f"cause.{c}.roundoff_in"] and not nums[f"cause.{c}.systematic_in"]
                    and not nums[f"cause.{c}.random_in"]],
-         bugs=[nums[f"{k}.bug"] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"]])
+         bugs=list(dict.fromkeys(nums[f"{k}.bug"] for k in nums["early.bugs"] if nums[f"{k}.ci_excludes_zero"])))
     # Sizes per task (a fraction of dev labels and an RMS of regression outputs do not share a scale).
     tasks = list(dict.fromkeys(nums[f"{k}.task"] for k in pairs))
     nums["answer.tasks"] = tasks
@@ -717,8 +729,21 @@ def _answer(nums: dict[str, Any]) -> None:
     exact = defaultdict(list)
     for k in others:
         exact[k.split(".pair.")[1].split(".")[0]] += [(nums[f"{k}.task"], abs(d)) for d in nums[f"{k}.diffs"]]
-    best = min((a for a in exact if exact[a]), key=lambda a: max(d for _, d in exact[a]), default=None)
+    def scaled(arm: str) -> float:
+        """The arm's largest |difference| over the dropout-only floor's sd of its pair (metrics do not share a
+        scale); the raw |difference| where no floor sd exists."""
+        out = 0.0
+        for k in others:
+            if k.split(".pair.")[1].split(".")[0] == arm and nums[f"{k}.diffs"]:
+                fsd = nums.get(f"{k}.spread.floor_sd", math.nan)
+                d = max(map(abs, nums[f"{k}.diffs"]))
+                out = max(out, d / fsd if isinstance(fsd, float) and math.isfinite(fsd) and fsd > 0 else d)
+        return out
+
+    best = min((a for a in exact if exact[a]), key=scaled, default=None)
     mine = [k for k in others if k.split(".pair.")[1].split(".")[0] == best]
+    # Does the arm start at fp32 round-off? The largest relative loss gap of its pairs at their first step.
+    first_gap = max((g for k in mine for g in nums[f"{k}.trajectory.first_rel"] if math.isfinite(g)), default=math.nan)
     by_task: dict[str, float] = {}
     for task, d in exact[best] if best else []:
         by_task[task] = max(by_task.get(task, 0.0), d)
@@ -739,7 +764,8 @@ def _answer(nums: dict[str, Any]) -> None:
          exact_metrics=[metric_of[t] for t in by_task], exact_floor_ratio=[floor_ratio[t] for t in by_task],
          exact_apart_step=first_apart[0] if first_apart else None,
          exact_apart_steps=first_apart[1] if first_apart else None,
-         exact_apart_task=first_apart[2] if first_apart else None,
+         exact_apart_task=first_apart[2] if first_apart else None, exact_first_gap=first_gap,
+         exact_roundoff=bool(math.isfinite(first_gap) and first_gap < ROUNDOFF_FIRST_STEP),
          exact_planned=sum(nums[f"{k}.required"] for k in mine),
          exact_decided=all(nums[f"{k}.decided"] for k in mine) if mine else False)
     # Runs still to come, by arm, and whether any of them belongs to what lines 1-3 rest on (the headline arms and

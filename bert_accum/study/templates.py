@@ -142,12 +142,14 @@ ANSWER_STATE = {
     "variance": ("1. **Variance, not bias.** In all {answer.decided} headline comparisons of (B, N) with (E, 1) the paired "
                  "differences cannot be told from the dropout-only floor's, in spread or in mean (n = "
                  "{answer.n_range:range} seeds each{spread_limit}): accumulating acts like re-seeding dropout."),
-    "bias": ("1. **A bias in {n_biased} of {answer.decided} headline comparisons** ({biased}): their mean paired "
-             "difference is nonzero; the others behave like a dropout re-seed."),
-    "bias_all": ("1. **A bias in every headline comparison** ({biased}): the mean paired difference is nonzero, "
-                 "unlike a dropout re-seed."),
-    "spread": ("1. **Zero mean, but not the floor's spread.** No headline comparison shows a nonzero mean paired "
-               "difference, but in some the spread differs from the dropout-only floor (see the spread table)."),
+    "bias": ("1. **A bias in {n_biased} of {answer.decided} headline comparisons** ({biased}): their paired "
+             "differences have a mean unlike the dropout-only floor's (see the spread table for the test); the others "
+             "behave like a dropout re-seed."),
+    "bias_all": ("1. **A bias in every headline comparison** ({biased}): the paired differences have a mean unlike "
+                 "the dropout-only floor's (see the spread table for the test), unlike a dropout re-seed."),
+    "spread": ("1. **The floor's mean, but not its spread.** No headline comparison's paired differences have a mean "
+               "unlike the dropout-only floor's, but in some the spread differs from the floor's (see the spread "
+               "table)."),
     "undecided": ("1. **Not yet decidable.** Headline pairs finished: {answer.pairs_in} of {answer.pairs_planned} "
                   "(n = {answer.n_range:range} of {answer.required} per comparison); no verdict is stated below "
                   "{answer.required} pairs."),
@@ -205,18 +207,21 @@ ANSWER_ACT = {
                 "(B, N) for (E, 1) there); until the others are decided, to take (E, 1)'s steps exactly, {exact}"),
     "no data": "5. **What to do.** To take (E, 1)'s steps exactly, {exact}",
 }
-ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: its steps match (E, 1) to fp32 round-off; largest "
-                "|paired difference| at the end {by_task} over {answer.exact_n} pairs{so_far}{apart}).")
+ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: {start}; largest |paired difference| at the end "
+                "{by_task} over {answer.exact_n} pairs{so_far}{apart}).")
+ANSWER_EXACT_START = {"round-off": "its first steps match (E, 1) to fp32 round-off",
+                      "apart": "the closest arm, though its first steps differ from (E, 1)'s by up to "
+                               "{answer.exact_first_gap:g} relative (training loss)",
+                      "unknown": "the closest arm (no step records to compare its first steps)"}
 ANSWER_EXACT_TASK = "{task} {value} {metric} ({ratio}× the dropout-only floor's sd)"
-ANSWER_EXACT_APART = ("; in the longest runs the round-off still grows until the pair parts: on {answer.exact_apart_task} "
-                      "their training losses differ by 1% from step {answer.exact_apart_step} of "
-                      "{answer.exact_apart_steps}")
+ANSWER_EXACT_APART = ("; over a run the gap can still grow until a pair parts: on {answer.exact_apart_task} one pair's "
+                      "training losses differ by 1% from step {answer.exact_apart_step} of {answer.exact_apart_steps}")
 ANSWER_EXACT_SO_FAR = " so far, of {answer.exact_planned} planned"
 SETUP_CHANGES = ("The design changed after runs had started (recorded in `{grid}` under `changes`, copied here as "
                  "written):")
 SETUP_PENDING = "Arms with runs still to come: {arms}. {touch}"
 SETUP_PENDING_TOUCH = {False: "Lines 1–3 of the answer rest only on the headline arms and the dropout-only floors, "
-                              "which are complete.",
+                              "none of which has runs still to come.",
                        True: "Some of them are headline arms or dropout-only floors: lines 1–3 of the answer may "
                              "change."}
 ANSWER_EXACT_NONE = "see the cause sections: no exact arm has finished pairs in this report."
@@ -278,7 +283,8 @@ SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same ini
                "floor run of the same seed, its mean with a 95% t interval and a paired t test (`vs floor`), because "
                "both are measured from the same (E, 1) runs and a reference with a lucky dropout draw shifts both "
                "alike. Same spread and the floor's mean: the drift is a dropout "
-               "re-seed, variance and not bias. Table: `study/{s}_spread.csv`.")
+               "re-seed, variance and not bias. A row short of its required pairs shows no tests (its CSV row keeps them). "
+               "Table: `study/{s}_spread.csv`.")
 DISAGREE_HEAD = "### Do paired runs predict the same dev labels?"
 DISAGREE_COLS = ["task", "E", "compared", "measure", "n", "paired runs", "dropout floor", "ratio"]
 DISAGREE_MEASURE = {False: "fraction of dev labels that differ", True: "RMS difference of dev predictions"}
@@ -300,7 +306,9 @@ TRAJ_NOTE = ("The training loss of (B, N) and (E, 1) at every optimizer step, as
              "difference and that difference over the dropout-only floor's sd. An exact arm starts at fp32 round-off "
              "(about 1e-7); where training amplifies round-off, the gap still grows over a long run until the two runs "
              "part like a dropout re-seed. With standard dropout the gap is open from the first step. Headline arms: "
-             "medians over seeds (of the final |difference| too) in the first rows; the others seed by seed.")
+             "medians over seeds (of the final |difference| too; a step's median over the seeds that parted, with "
+             "their number when some never did) in the first rows; the others seed by seed. Table: "
+             "`study/{s}_trajectory.csv`.")
 CELLS_HEAD = "### Runs, failures and the reference bar"
 CELLS_COLS = ["task", "E", "arm", "(B, N)", "planned", "finished", "unfinished seeds", "missing seeds", "diverged",
               "at/below baseline", "failure rate", "mean ± sd", "reference ≥ threshold", "steps clipped"]
@@ -419,21 +427,24 @@ def render(nums: dict[str, Any], figures: dict[str, str], sections: list[tuple[s
     parts = [header(nums["provenance"], markdown=True), "", TITLE, "", INTRO, ""]
     for section in (_answer, _setup):
         parts += section(nums, figures)
-    body = _converged(nums, figures)
+    # The evidence sections are numbered in the order they appear, whichever sections a report includes: every
+    # top-level heading this module writes, and the first one of each included section.
+    count = [0]
+    parts += _numbered(_converged(nums, figures), count)
     for path, prov, text in sections:
-        body += [text, "", fill(SECTION_SOURCE, {}, path=path, provenance=prov), ""]
+        parts += _numbered(text.split("\n"), count, first_only=True) + ["", fill(SECTION_SOURCE, {}, path=path, provenance=prov), ""]
     for section in (_mechanism, _early):
-        body += section(nums, figures)
-    return "\n".join(parts + _numbered("\n".join(body).split("\n"))).rstrip("\n") + "\n"
+        parts += _numbered(section(nums, figures), count)
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
-def _numbered(lines: list[str]) -> list[str]:
-    """The evidence sections numbered in the order they appear, whichever sections a report includes."""
-    out, k = [], 0
-    for line in lines:
-        if line.startswith("## "):
-            k += 1
-            line = f"## {k}. {line[3:]}"
+def _numbered(lines: list[str], count: list[int], first_only: bool = False) -> list[str]:
+    """`lines` (joined and split again) with their "## " headings numbered on from `count`."""
+    out, done = [], False
+    for line in "\n".join(lines).split("\n"):
+        if line.startswith("## ") and not (first_only and done):
+            count[0] += 1
+            line, done = f"## {count[0]}. {line[3:]}", True
         out.append(line)
     return out
 
@@ -481,6 +492,7 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                             for t, v, m, r in zip(nums["answer.exact_tasks"], nums["answer.exact_by_task"],
                                                   nums["answer.exact_metrics"], nums["answer.exact_floor_ratio"]))
         exact = fill(ANSWER_EXACT, nums, switches=" ".join(nums["answer.exact_switches"]), by_task=by_task,
+                     start=fill(ANSWER_EXACT_START[_exact_start(nums)], nums),
                      so_far="" if nums["answer.exact_decided"] else fill(ANSWER_EXACT_SO_FAR, nums),
                      apart=fill(ANSWER_EXACT_APART, nums) if nums["answer.exact_apart_step"] else "")
     else:
@@ -505,6 +517,13 @@ def _size(nums: dict[str, Any], task: str) -> str:
     return ", ".join(parts)
 
 
+def _exact_start(nums: dict[str, Any]) -> str:
+    gap = nums.get("answer.exact_first_gap")
+    if not isinstance(gap, float) or not math.isfinite(gap):
+        return "unknown"
+    return "round-off" if nums["answer.exact_roundoff"] else "apart"
+
+
 def _trajectories(nums: dict[str, Any], s: str) -> list[str]:
     """When each pair's training losses part: headline arms as medians over seeds, every other arm seed by seed."""
     import statistics
@@ -513,8 +532,15 @@ def _trajectories(nums: dict[str, Any], s: str) -> list[str]:
         return "—" if v is None else str(int(v))
 
     def median_step(values: list[int | None]) -> str:
+        """The median over the seeds that parted, and how many did: a run that never parts has no step."""
         found = [v for v in values if v is not None]
-        return step(statistics.median(found)) if found else "—"
+        if not found:
+            return f"none of {len(values)}"
+        return step(statistics.median(found)) + ("" if len(found) == len(values) else f" ({len(found)} of {len(values)})")
+
+    def median(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return statistics.median(finite) if finite else math.nan
 
     head_rows, rows = [], []
     for task, E, label, k in _each(nums, s, "pair"):
@@ -526,11 +552,14 @@ def _trajectories(nums: dict[str, Any], s: str) -> list[str]:
             return show(abs(d) / fsd, "2") if isinstance(fsd, float) and math.isfinite(fsd) and fsd > 0 else "—"
 
         pair = [task, str(E), _arm(label), f"{_bn(label)} vs ({E}, 1)"]
+        if not any(nums[f"{t}.steps"]):
+            rows.append(pair + [", ".join(map(str, seeds)), "no step records"] + ["—"] * 5)
+            continue
         if nums[f"{k}.headline"]:
             final = statistics.median(abs(d) for d in nums[f"{k}.diffs"])
             head_rows.append(pair + [f"median of {len(seeds)}", step(statistics.median(nums[f"{t}.steps"])),
                                      median_step(nums[f"{t}.apart_1e4"]), median_step(nums[f"{t}.apart_1e2"]),
-                                     show(statistics.median(nums[f"{t}.max_rel"]), "2"), show(final), vs_floor(final)])
+                                     show(median(nums[f"{t}.max_rel"]), "2"), show(final), vs_floor(final)])
             continue
         for i, seed in enumerate(seeds):
             rows.append(pair + [str(seed), str(nums[f"{t}.steps"][i]), step(nums[f"{t}.apart_1e4"][i]),
@@ -538,7 +567,7 @@ def _trajectories(nums: dict[str, Any], s: str) -> list[str]:
                                 show(nums[f"{k}.diffs"][i], "signed"), vs_floor(nums[f"{k}.diffs"][i])])
     if not rows and not head_rows:
         return []
-    return [TRAJ_HEAD, "", table(TRAJ_COLS, head_rows + rows), "", TRAJ_NOTE, ""]
+    return [TRAJ_HEAD, "", table(TRAJ_COLS, head_rows + rows), "", fill(TRAJ_NOTE, nums, s=s), ""]
 
 
 def _plural(value: Any, word: str) -> str:

@@ -399,9 +399,10 @@ def _clipping(clip: dict[tuple, float], optim: str) -> str:
             f"{clip.get((optim, 'trainer', 2, 4), math.nan):.3f}, exact (2,4) "
             f"{clip.get((optim, 'exact_trainer', 2, 4), math.nan):.3f}, (8,1) "
             f"{clip.get((optim, 'trainer', 8, 1), math.nan):.3f}; a step clipped in both runs has the same norm "
-            "whatever the factor, so the stock Trainer's N-times gradient reaches the optimizer unclipped only on the "
-            f"other {1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps (with AdamW "
-            "its effect then carries on through the moment estimates, and the two runs' trajectories part).")
+            "whatever the factor, so the stock Trainer's N-times gradient can change that step's update only on at "
+            f"most the other {1 - clip.get((optim, 'exact_trainer', 2, 4), math.nan):.1%} of the exact run's steps"
+            + (" (with AdamW the moment estimates carry such a step into later ones)" if optim.startswith("adamw")
+               else "") + ".")
 
 
 def run_study(runs_dir: Path, output_dir: Path, probe_dir: Path | None = None, command: str | None = None) -> dict[str, Path]:
