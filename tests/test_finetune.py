@@ -301,3 +301,44 @@ def test_disable_progress_bar_silences_every_bar(tmp_path, tiny_model_dir, synth
     assert finetune_main(quiet) == 0
     err = capfd.readouterr().err
     assert "%|" not in err and "it/s" not in err and "examples/s" not in err, err
+
+
+@pytest.mark.parametrize("objective", ["classification", "mlm"])
+def test_evaluation_batches_by_length_and_reports_in_dev_order(objective, tmp_path, tiny_model_dir, synthetic_glue_dir):
+    """Evaluation sorts the dev set by length so that batches pad little; predictions come back in dev order;
+    masked-LM totals do not depend on the batching."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bert_accum.core.setup import setup
+    from bert_accum.core.train import _eval_loaders, _evaluate, make_accelerator
+
+    cfg = TrainConfig(task_name="synthetic", glue_dir=synthetic_glue_dir, model_name_or_path=tiny_model_dir, max_length=48,
+                      seed=3, objective=objective, per_device_eval_batch_size=5, output_dir=str(tmp_path / "run"))
+    accelerator = make_accelerator(cfg)
+    s = setup(cfg, 1, accelerator)
+    loaders = _eval_loaders(s.tokenized, s.task, s.tokenizer, cfg, accelerator)
+    (split, (_, _, order)), = loaders.items()
+    dev = s.tokenized[split]
+    lengths = [len(x) for x in dev["input_ids"]]
+    assert order != list(range(len(dev))) and [lengths[i] for i in order] == sorted(lengths)
+    if objective == "mlm":
+        # the same totals as from the dev set in file order, five at a time
+        metrics = _evaluate(s.model, loaders, s.task, s.kind, accelerator, cfg, s.dropout)
+        file_order = {split: ("mlm", loaders[split][1], list(range(len(dev))))}
+        again = _evaluate(s.model, file_order, s.task, s.kind, accelerator, cfg, s.dropout)
+        assert again["masked_accuracy"] == metrics["masked_accuracy"]
+        assert again["mlm_loss"] == pytest.approx(metrics["mlm_loss"], rel=1e-6)
+        return
+
+    class LengthParity(torch.nn.Module):
+        """Predicts the parity of an example's token count: any mix-up of the order shows."""
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            n = attention_mask.sum(-1)
+            return SimpleNamespace(logits=torch.stack([(n % 2 == 0).float(), (n % 2).float()], -1))
+
+    predictions: dict[str, list] = {}
+    _evaluate(LengthParity(), loaders, s.task, s.kind, accelerator, cfg, s.dropout, predictions)
+    assert predictions[split] == [n % 2 for n in lengths] and len(set(predictions[split])) == 2

@@ -350,7 +350,12 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
 
 
 def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any]:
-    """Prepared evaluation loaders; accelerate shards them and `gather_for_metrics` drops duplicates."""
+    """Prepared evaluation loaders; accelerate shards them and `gather_for_metrics` drops duplicates.
+
+    Evaluation batches hold examples of similar length (the split sorted by token count, ties in dev order), so a
+    batch pads little: on SST-2's dev set 23.5k instead of 44.4k token positions at 64 per batch. Each split comes
+    with `order`, the dev index of every sorted position, and `_evaluate` puts the predictions back in dev order.
+    """
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
@@ -360,17 +365,21 @@ def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any
     cols = [c for c in ("input_ids", "token_type_ids", "attention_mask", "label", "idx") if c in tokenized["train"].column_names]
     for split in task.eval_splits:
         ds = tokenized[split].select_columns(cols)
+        lengths = [len(x) for x in ds["input_ids"]]
+        order = sorted(range(len(ds)), key=lengths.__getitem__)  # stable: ties keep dev order
         if cfg.objective == "mlm":
             mem = InMemorySplit.from_dataset(ds)
             loaders[split] = ("mlm", Collator(mem, tokenizer, "dynamic", cfg.max_length, mlm=True,
-                                              mlm_probability=cfg.mlm_probability, seed=cfg.seed))
+                                              mlm_probability=cfg.mlm_probability, seed=cfg.seed), order)
             continue
+        ds = ds.select(order)
         collator = DataCollatorWithPadding(tokenizer)
 
         def collate(features, _c=collator):
             return _c([{k: v for k, v in f.items() if k != "idx"} for f in features])
 
-        loaders[split] = ("cls", accelerator.prepare(DataLoader(ds, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)))
+        loaders[split] = ("cls", accelerator.prepare(DataLoader(ds, batch_size=cfg.per_device_eval_batch_size,
+                                                                collate_fn=collate)), order)
     return loaders
 
 
@@ -390,10 +399,10 @@ def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout,
     model.eval()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        for split, (mode, loader) in loaders.items():
+        for split, (mode, loader, order) in loaders.items():
             prefix = "" if len(loaders) == 1 else f"{split}/"
             if mode == "mlm":
-                results.update({f"{prefix}{k}": v for k, v in _evaluate_mlm(model, loader, accelerator, cfg).items()})
+                results.update({f"{prefix}{k}": v for k, v in _evaluate_mlm(model, loader, order, accelerator, cfg).items()})
                 continue
             preds, refs = [], []
             for batch in tqdm(loader, desc=f"eval {split}", leave=False,
@@ -404,8 +413,10 @@ def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout,
                 out, labels = accelerator.gather_for_metrics((out, labels))
                 preds.append(out.float().cpu() if kind == "regression" else out.cpu())
                 refs.append(labels.cpu())
-            predictions = torch.cat(preds).tolist()
-            references = torch.cat(refs).tolist()
+            # back from length order to dev order
+            predictions, references = [None] * len(order), [None] * len(order)
+            for position, (p, r) in enumerate(zip(torch.cat(preds).tolist(), torch.cat(refs).tolist())):
+                predictions[order[position]], references[order[position]] = p, r
             metrics = compute_metrics(task, predictions, references)
             results.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
             results[f"{prefix}num_examples"] = len(predictions)
@@ -415,14 +426,15 @@ def _evaluate(model, loaders, task, kind, accelerator, cfg, dropout,
     return results
 
 
-def _evaluate_mlm(model, collate, accelerator, cfg) -> dict[str, float]:
+def _evaluate_mlm(model, collate, order, accelerator, cfg) -> dict[str, float]:
     """Masked-LM loss per predicted token and accuracy, with the masks of epoch 0 (fixed per example).
 
-    Process r evaluates chunks r, r+W, r+2W, ... so every example is counted once; sums are all-reduced.
+    Chunks follow `order` (examples of similar length together); process r evaluates chunks r, r+W, r+2W, ... so
+    every example is counted once; sums are all-reduced.
     """
     n = len(collate.split)
     size = cfg.per_device_eval_batch_size
-    chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    chunks = [order[i:i + size] for i in range(0, n, size)]
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, tokens
     for chunk in chunks[accelerator.process_index :: accelerator.num_processes]:
         batch = {k: v.to(accelerator.device) for k, v in collate(chunk, chunk, epoch=0).items()}
