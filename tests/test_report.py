@@ -700,6 +700,9 @@ def test_the_step_at_which_paired_runs_part_is_read_from_their_training_losses(t
     assert "its first steps match (E, 1) to fp32 round-off;" in text
     assert "on sst2 one pair's training losses differ by 1% from step 6 of 8)." in text
     assert "| sst2 | 8 | controlled | (2, 4) vs (8, 1) | 1 | 8 | 4 | 6 | 3.00 | +0.0000 | 0.00 |" in text
+    # the mechanism section's whole-run line for fp32 order: 1 of the arm's 6 seed pairs parts
+    assert ("- Over whole runs (arm `controlled` of the converged study, whose first steps match to round-off): 1 of 6 "
+            "pairs part, in sst2 E = 8 (8 steps): their training losses are 1% apart from step 6 on,") in text
     assert "| sst2 | 8 | default | (2, 4) vs (8, 1) | median of 10 | 8 | none of 10 | none of 10 | 0.00 |" in text
     # a pair 0.2% apart from its first step does not start at round-off: the arm is only the closest one
     run2 = root / "sst2" / "controlled" / "B2_N4" / "seed2"

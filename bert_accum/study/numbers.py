@@ -758,6 +758,17 @@ def _answer(nums: dict[str, Any]) -> None:
     apart = [(step, total, nums[f"{k}.task"]) for k in mine for step, total in
              zip(nums[f"{k}.trajectory.apart_1e2"], nums[f"{k}.trajectory.steps"]) if step is not None]
     first_apart = min(apart, default=None)
+    # Every seed-level pair of the arm: did its training losses part (1e-2), where, and how far did the others get?
+    seed_pairs = [(k, i) for k in mine for i in range(len(nums[f"{k}.seeds"])) if nums[f"{k}.trajectory.steps"][i]]
+    parted = [(k, i) for k, i in seed_pairs if nums[f"{k}.trajectory.apart_1e2"][i] is not None]
+    held = [nums[f"{k}.trajectory.max_rel"][i] for k, i in seed_pairs if (k, i) not in parted]
+    _put(nums, "answer", exact_seed_pairs=len(seed_pairs), exact_parted=len(parted),
+         exact_parted_steps=span(nums[f"{k}.trajectory.apart_1e2"][i] for k, i in parted),
+         exact_parted_where=list(dict.fromkeys(
+             f"{nums[f'{k}.task']} E = {k.split('.e')[-1].split('.')[0]} ({nums[f'{k}.trajectory.steps'][i]} steps)"
+             for k, i in parted)),
+         exact_parted_diff=max((abs(nums[f"{k}.diffs"][i]) for k, i in parted), default=math.nan),
+         exact_held_gap=max(held, default=math.nan))
     _put(nums, "answer", exact_arm=best or "", exact_max_abs_diff=max(by_task.values()) if best else math.nan,
          exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []),
          exact_tasks=list(by_task), exact_by_task=list(by_task.values()),

@@ -368,6 +368,12 @@ CAUSE_PROBE = {
                    "difference is summation order, nothing else."),
     "bf16": "- bf16 autocast (one step): relative L2 {rel}.",
 }
+CAUSE_WHOLE_RUN = ("- Over whole runs (arm `{answer.exact_arm}` of the converged study, whose first steps match to "
+                   "round-off): {answer.exact_parted} of {answer.exact_seed_pairs} pairs part, in {where}: their "
+                   "training losses are 1% apart from step {answer.exact_parted_steps:range} on, and their final metrics "
+                   "up to {answer.exact_parted_diff} apart; in the other pairs the per-step loss gap stays below "
+                   "{answer.exact_held_gap:2}. Training amplifies fp32 round-off: over enough steps it parts runs that "
+                   "started equal to round-off (table \"Step by step\" above).")
 CAUSE_NOT_PROBED = "- One step: {what} not probed in this report."
 EARLY_ARM_TEXT = ("- Early training, arm `{arm}`: at the last step its parameters are {dist} away from (E, 1) of the "
                   "same seeds, relative to how far (E, 1) moved from the start (‖θ − θ_E1‖ / ‖θ_E1 − θ_0‖, mean over "
@@ -721,6 +727,8 @@ def _mechanism(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                           fp64=_probe_values(nums, "controlled_fp64", "rel_l2")))
         else:
             L.append(fill(CAUSE_NOT_PROBED, nums, what=CAUSE_NAMES[c]))
+        if c == "fp32_order" and nums.get("answer.exact_roundoff") and nums.get("answer.exact_parted"):
+            L.append(fill(CAUSE_WHOLE_RUN, nums, where="; ".join(nums["answer.exact_parted_where"])))
         # Early-training arms: the masked-LM ones measure the loss averaging, the others the dropout masks.
         arms = [a for a in nums["early.arms"] if (c == "loss_averaging") == a.startswith("mlm_")]
         if c in ("dropout", "loss_averaging"):
