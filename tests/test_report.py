@@ -285,6 +285,8 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.e8.floor.dropout.n"] == 10 and nums["conv.sst2.e8.floor.dropout.mean"] == pytest.approx(0.0, abs=1e-9)
     # floor_data: +-0.004 alternating over seeds 1..5 -> mean |diff| 0.004
     assert nums["conv.sst2.e8.floor.data.abs_mean"] == pytest.approx(0.004)
+    # beside it, the dropout-only floor over the same seeds 1..5: |FLOOR_DIFFS[:5]| = .002 .001 .003 0 .001
+    assert nums["conv.sst2.e8.floor.data.dropout_abs_mean_same_seeds"] == pytest.approx(0.0014)
     # equivalence bounds: the pair's 90% interval reaches 0.001 + 1.833113 * 0.000471405; FLOOR_DIFFS (sd
     # sqrt(30e-6 / 9), se 0.000577350) give the floor +-1.833113 * 0.000577350, equivalent at the same +-0.01
     assert nums[f"{p}.tost.bound"] == pytest.approx(0.001 + 1.833113 * 0.000471405, abs=1e-8)

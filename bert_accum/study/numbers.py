@@ -412,6 +412,13 @@ def _floors(nums: dict[str, Any], e: str, at_e: list[tuple], main_arms: list[str
         out[(ref_arm, kind)] = key
         kinds.append(kind)
     nums[f"{e}.floors"] = sorted(kinds, key=lambda x: FLOOR_ORDER.index(x) if x in FLOOR_ORDER else len(FLOOR_ORDER))
+    # A floor measured on fewer seeds is compared with the dropout-only floor on those same seeds.
+    dropout = f"{e}.floor.dropout"
+    by_seed = dict(zip(nums.get(f"{dropout}.seeds", []), nums.get(f"{dropout}.diffs", [])))
+    for kind in kinds:
+        key = f"{e}.floor.{kind}"
+        same = [abs(by_seed[s]) for s in nums[f"{key}.seeds"] if s in by_seed]
+        nums[f"{key}.dropout_abs_mean_same_seeds"] = statistics.fmean(same) if same else math.nan
     return out
 
 
@@ -496,6 +503,7 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
             for kind in nums.get(f"{e}.floors", []):
                 k = f"{e}.floor.{kind}"
                 out["floors"].append({"task": task, "E": E, "kind": kind, "arm": nums[f"{k}.arm"],
+                                      "dropout_abs_mean_same_seeds": nums[f"{k}.dropout_abs_mean_same_seeds"],
                                       "reference_arm": nums[f"{k}.reference_arm"], "n": nums[f"{k}.n"],
                                       "mean": nums[f"{k}.mean"], "sd": nums[f"{k}.sd"], "abs_mean": nums[f"{k}.abs_mean"],
                                       "disagreement": nums[f"{k}.disagreement.mean"], "ci90_low": nums[f"{k}.tost.ci90_low"],

@@ -293,9 +293,10 @@ DISAGREE_NOTE = ("From each run's predictions.json of its final evaluation: mean
                  "`study/{s}_disagreement.csv`.")
 FLOORS_HEAD = "### Noise floors, measured"
 FLOORS_COLS = ["task", "E", "floor (seeds changed)", "arm vs reference", "n", "mean diff", "sd", "mean abs diff",
-               "disagreement", "TOST at ±margin", "equivalent within"]
+               "dropout floor's, same seeds", "disagreement", "TOST at ±margin", "equivalent within"]
 FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seeds against the (E, 1) reference of the "
-               "same grid seed. `TOST at ±margin` judges the floor's differences by the pairs' test and margin: where "
+               "same grid seed. `dropout floor's, same seeds`: the dropout-only floor's mean abs diff over the seeds "
+               "that floor has, so floors measured on fewer seeds compare like for like. `TOST at ±margin` judges the floor's differences by the pairs' test and margin: where "
                "even a re-seed is not shown equivalent, the margin is tighter than the noise the runs can resolve. "
                "Table: `study/{s}_floors.csv`.")
 TRAJ_HEAD = "### Step by step: when do the paired runs part?"
@@ -667,7 +668,8 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         L += [FLOORS_HEAD, ""]
         rows = [[task, str(E), f"{kind} ({show(nums[k + '.varied'])})", f"{nums[k + '.arm']} vs {nums[k + '.reference_arm']}",
                  f"{nums[k + '.n']} of {nums[k + '.planned']}", show(nums[k + ".mean"], "signed"), show(nums[k + ".sd"]),
-                 show(nums[k + ".abs_mean"]), _pm(nums, k + ".disagreement"), nums[k + ".verdict"], _within(nums, k)]
+                 show(nums[k + ".abs_mean"]), show(nums[k + ".dropout_abs_mean_same_seeds"]) if kind != "dropout" else "—",
+                 _pm(nums, k + ".disagreement"), nums[k + ".verdict"], "—" if nums[k + ".verdict"].startswith("not yet") else _within(nums, k)]
                 for task, E, kind, k in _each(nums, s, "floor")]
         L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s), ""]
         L += _trajectories(nums, s)
