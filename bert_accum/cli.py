@@ -99,7 +99,27 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
             from .integrations.backend import run_trainer as run
         run(cfg)
 
-    return guarded(go)
+    def go_and_leave() -> None:
+        try:
+            go()
+        finally:
+            if "torch" in sys.modules:  # no group without torch; bad flags fail before it is imported
+                    leave_process_group()
+
+    return guarded(go_and_leave)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if this process joined one, before the interpreter exits.
+
+    Under torchrun, a gloo rank that exits with its group alive can abort in its thread teardown ("terminate called
+    without an active exception"): a completed run would end with a failed exit code for torchrun, SLURM and the
+    grid runner. Done by the entry points, once per process: `run` itself may be called many times in one process.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _preflight(cfg) -> None:

@@ -95,6 +95,7 @@ def main() -> None:
         dropout.remove()  # stock dropout and attention again before saving
         accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
         tokenizer.save_pretrained(args.output_dir)
+    accelerator.end_training()  # under several processes: destroy the process group before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -342,3 +342,21 @@ def test_evaluation_batches_by_length_and_reports_in_dev_order(objective, tmp_pa
     predictions: dict[str, list] = {}
     _evaluate(LengthParity(), loaders, s.task, s.kind, accelerator, cfg, s.dropout, predictions)
     assert predictions[split] == [n % 2 for n in lengths] and len(set(predictions[split])) == 2
+
+
+
+@pytest.mark.parametrize("outcome", ["completed", "bad_input"])
+def test_finetune_leaves_the_process_group_it_ran_in(tmp_path, tiny_model_dir, synthetic_glue_dir, outcome):
+    """A launched rank ends with its process group destroyed, after a completed run and after an error: a gloo rank
+    that exits with the group alive can abort at teardown and turn a completed run into a failed exit code."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        extra = ("--max_train_steps", "1") if outcome == "completed" else ("--learning_rate", "nan")
+        code = finetune_main(_args(tiny_model_dir, synthetic_glue_dir, tmp_path / "run", *extra))
+        assert code == (0 if outcome == "completed" else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

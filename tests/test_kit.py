@@ -397,6 +397,7 @@ for normalization in ("global", "mean_of_means"):
             acc.backward(model(**batch).loss * scale)
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     torch.save(grad, f"{out}/{normalization}.W{acc.num_processes}.rank{acc.process_index}.pt")
+acc.end_training()  # destroys the gloo group: a rank that exits with it alive can abort in its thread teardown
 '''
 
 

@@ -107,7 +107,7 @@ def check_all(spec: dict[str, dict[str, Any]], record_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bert_accum.study.distcheck --spec SPEC.json --record_dir DIR` (under torchrun or accelerate launch)."""
-    from ..cli import guarded
+    from ..cli import guarded, leave_process_group
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="JSON file: {name: TrainConfig dict, ...}")
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_all(spec, args.record_dir)
         finally:
-            # Leave the process group cleanly so the launcher sees every rank exit.
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            leave_process_group()
 
     return guarded(go)
 
