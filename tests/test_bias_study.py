@@ -81,6 +81,23 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     assert files["lr_figure"].stat().st_size > 0 and files["curves_figure"].stat().st_size > 0
 
 
+def test_a_comparison_without_pairs_names_its_optimizer_from_the_plan(bug_grid):
+    """Early in a grid an arm has no finished run: its row still says which optimizer it will use, and its bullet
+    says it waits instead of printing an empty effect."""
+    from bert_accum.study.bias_study import markdown
+
+    root, grid = bug_grid
+    study = load_study(root / "runs" / "bugs", grid)
+    study.runs = [r for r in study.runs if not r.arm.startswith("sgd_")]
+    rows = {r["arm"]: r for r in pair_rows(study)}
+    sgd = rows["sgd_last_window_1_over_n"]
+    assert (sgd["n"], sgd["optimizer"], sgd["verdict"]) == (0, "plain SGD", "not yet decidable (n = 0 of 3)")
+    text = markdown([study], list(rows.values()), "head", {})
+    assert "| last_window_1_over_n | plain SGD | synthetic | (2,4) | 0 / 3 | — | no pairs yet |" in text
+    assert ("- plain SGD, synthetic (2,4): sgd_last_window_1_over_n − sgd_correct: not yet decidable (n = 0 of 3)."
+            in text)
+
+
 def test_a_pair_that_differs_in_another_setting_is_refused(bug_grid, tmp_path):
     root, grid = bug_grid
     study = load_study(root / "runs" / "bugs", grid)

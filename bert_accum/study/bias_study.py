@@ -158,8 +158,8 @@ def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
                          "one bug mode, mean_of_means against global, or one loss through two backends, per comparison")
 
 
-def _optimizer(run) -> str:
-    return OPTIMIZER_NAMES.get(run.config.get("optim", "adamw_torch"), run.config.get("optim", "adamw_torch"))
+def _optimizer(optim: str) -> str:
+    return OPTIMIZER_NAMES.get(optim, optim)
 
 
 def _clipped_fraction(run) -> float:
@@ -210,8 +210,9 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
         bias = bias_of(study.arms[arm], study.arms[ref])
         cells = sorted({(c.task, (c.micro_batch_size, c.accumulation_steps)) for c in study.planned if c.arm == arm})
         for task, bn in cells:
-            planned = sorted(c.seed for c in study.planned
-                             if c.arm == arm and c.task == task and (c.micro_batch_size, c.accumulation_steps) == bn)
+            cell_plan = [c for c in study.planned
+                         if c.arm == arm and c.task == task and (c.micro_batch_size, c.accumulation_steps) == bn]
+            planned = sorted(c.seed for c in cell_plan)
             pairs = [(by_cell[(task, arm, bn, s)], by_cell[(task, ref, bn, s)]) for s in planned
                      if (task, arm, bn, s) in by_cell and (task, ref, bn, s) in by_cell]
             for a, b in pairs:
@@ -225,7 +226,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
             metric = pairs[0][0].metric_name if pairs else ""
             rows.append({
                 "bias": bias, "arm": arm, "reference": ref,
-                "optimizer": _optimizer(pairs[0][0]) if pairs else "",
+                "optimizer": _optimizer(cell_plan[0].config.optim),  # from the plan: named before any pair finishes
                 "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "metric": metric,
                 "n": len(pairs), "planned": len(planned),
                 "reference_mean": statistics.fmean(b.metric for _, b in pairs) if pairs else math.nan,
@@ -267,7 +268,7 @@ def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
     first: dict[tuple, Any] = {}
     for r in sorted(study.runs, key=lambda r: r.cell_seed):
         first.setdefault((r.arm, r.bn), r)
-    return [{"arm": arm, "optimizer": _optimizer(r), "micro_batch_size": bn[0], "accumulation_steps": bn[1],
+    return [{"arm": arm, "optimizer": _optimizer(r.config.get("optim", "adamw_torch")), "micro_batch_size": bn[0], "accumulation_steps": bn[1],
              "seed": r.cell_seed, "optimizer_step": s["optimizer_step"], "learning_rate": s["learning_rate"]}
             for (arm, bn), r in sorted(first.items()) for s in r.steps]
 
@@ -397,9 +398,10 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
               "clipped (arm / ref) | final LR (arm / ref) | parameter distance |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in pairs:
+        reference = f"{fmt(r['reference_mean'])} {r['metric']}".strip()
         lines.append(
             f"| {r['bias']} | {r['optimizer']} | {r['task']} | ({r['micro_batch_size']},{r['accumulation_steps']}) | "
-            f"{r['n']} / {r['planned']} | {fmt(r['reference_mean'])} {r['metric']} | {_effect(r)} | {_reading(r)} | "
+            f"{r['n']} / {r['planned']} | {reference} | {_effect(r)} | {_reading(r)} | "
             f"{fmt(r['clipped_fraction_arm'], 2)} / {fmt(r['clipped_fraction_reference'], 2)} | "
             f"{fmt(r['final_lr_arm'], 3)} / {fmt(r['final_lr_reference'], 3)} | {fmt(r['param_distance'], 3)} |")
     for key, fig in figures.items():
@@ -414,8 +416,11 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
             if bias == "mean_of_means" and not math.isnan(r["items_cv_within_window"]):
                 extra = (f" Masked tokens per micro-batch: {r['items_per_micro_batch']:.1f} on average, spread within a "
                          f"window (coefficient of variation) {r['items_cv_within_window']:.3f}.")
-            lines.append(f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']}), "
-                         f"n = {r['n']} of {r['planned']}: {r['arm']} − {r['reference']} = {_effect(r)} "
+            where = f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']})"
+            if r["n"] == 0:
+                lines.append(f"{where}: {r['arm']} − {r['reference']}: {_reading(r)}.")
+                continue
+            lines.append(f"{where}, n = {r['n']} of {r['planned']}: {r['arm']} − {r['reference']} = {_effect(r)} "
                          f"{r['metric']}: {_reading(r)}." + extra)
         lines += ["", f"**Fix.** {text['fix']}"]
     lines.append("")
