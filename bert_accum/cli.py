@@ -225,6 +225,10 @@ def parse_report(argv: list[str] | None = None, prog: str | None = None):
     p.add_argument("--section", action="append", default=[], metavar="FILE.md",
                    help="a Markdown section written by another study script (e.g. results/trainer/trainer.md, headed by "
                         "its command and commit), included after the converged study; repeatable")
+    p.add_argument("--biases", default=None, metavar="DIR",
+                   help="output folder of bias-study (e.g. results/biases): its biases.md is included after the "
+                        "converged study and its paired.csv answers, in the report's first lines, which biases remain "
+                        "at the end of training")
     p.add_argument("--probe_dir", default="results/probe", help="folder of probe tables (<name>/probe.csv); '' for none")
     p.add_argument("--batchnorm_dir", default="results/batchnorm", help="folder of the BatchNorm study; '' for none")
     p.add_argument("--glue_dir", default=None,
@@ -234,7 +238,7 @@ def parse_report(argv: list[str] | None = None, prog: str | None = None):
     a = p.parse_args(argv)
     return ReportInputs(runs_dirs=a.runs_dirs, probe_dir=a.probe_dir or None, batchnorm_dir=a.batchnorm_dir or None,
                         output_dir=a.output_dir, grids=[str(find_grid_file(g)) for g in a.grid], early_csv=a.early_csv,
-                        glue_dir=a.glue_dir, sections=a.section)
+                        glue_dir=a.glue_dir, sections=a.section, biases=a.biases)
 
 
 def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -495,8 +499,8 @@ Markdown section from grids that declare `comparisons` (each arm against its ref
     bert-accum bias-study --study results/runs/bugs_converged configs/study_bugs_converged.yaml \
                           --study results/runs/mlm_converged configs/study_mlm_converged.yaml
 
-Writes paired.csv, lr.csv, lr.png, curves.csv, curves.png and biases.md to --output_dir (include biases.md in
-the report with `report.py --section`). The logic lives in bert_accum.study.bias_study.
+Writes paired.csv, lr.csv, lr.png, curves.csv, curves.png and biases.md to --output_dir (include them in the
+report with `report.py --biases DIR`). The logic lives in bert_accum.study.bias_study.
 """
 
 

@@ -602,6 +602,58 @@ def test_a_section_of_another_study_script_is_included_with_its_provenance(conve
     assert not (tmp_path / "out2").exists()
 
 
+def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converged, tmp_path):
+    """--biases DIR: the bias study's verdicts at the end of training close the answer's line 4 (a check of a backend
+    against the loop is no test of a bias and stays out), and its biases.md comes right after the converged study."""
+    import json
+
+    from bert_accum.errors import BertAccumError
+    from bert_accum.study.bias_study import PAIR_COLUMNS
+    from bert_accum.study.plumbing import write_csv
+
+    root, grid, _ = converged
+    nan = float("nan")
+
+    def row(bias, optimizer, b, n_acc, metric, n, planned, diff, lo, hi, limit, p_holm, verdict):
+        return {"bias": bias, "arm": bias, "reference": "correct", "optimizer": optimizer, "task": "sst2",
+                "micro_batch_size": b, "accumulation_steps": n_acc, "metric": metric, "n": n, "planned": planned,
+                "reference_mean": 0.8, "mean_diff": diff, "ci95_lo": lo, "ci95_hi": hi, "detection_limit": limit,
+                "max_abs_diff": abs(diff), "p_value": p_holm, "p_holm": p_holm, "verdict": verdict}
+
+    rows = [row("mean_of_means", "AdamW", 2, 16, "masked_accuracy", 5, 5, -0.012, -0.02, -0.004, 0.02, 0.01, "a bias"),
+            row("clip_per_micro_batch", "AdamW", 8, 4, "accuracy", 5, 5, 0.001, -0.005, 0.006, 0.006, 1.0,
+                "below the detection limit"),
+            row("clip_per_micro_batch", "AdamW", 2, 16, "accuracy", 5, 5, -0.002, -0.009, 0.005, 0.009, 1.0,
+                "below the detection limit"),
+            row("last_window_1_over_n", "plain SGD", 2, 16, "accuracy", 3, 5, 0.0, nan, nan, nan, nan,
+                "not yet decidable (n = 3 of 5)"),
+            row("trainer_vs_loop", "AdamW", 2, 16, "masked_accuracy", 3, 3, 0.0, nan, nan, nan, nan, "a check")]
+    biases = tmp_path / "biases"
+    biases.mkdir()
+    write_csv(biases / "paired.csv", rows, "command: bias-study x | git_commit: abc", PAIR_COLUMNS)
+    (biases / "biases.md").write_text("<!-- command: bias-study x | git_commit: abc -->\n"
+                                      "## The real biases at the end of training\n\nTable.\n")
+    trainer = tmp_path / "trainer.md"
+    trainer.write_text("<!-- command: trainer_study | git_commit: abc -->\n## The Hugging Face Trainer\n")
+    out = _build(root, grid, tmp_path / "out", biases=str(biases), sections=[str(trainer)])
+    text = out.read_text()
+    line4 = next(ln for ln in text.splitlines() if ln.startswith("4. "))
+    assert line4.endswith(
+        " At the end of training (the bias study: each bias against its fix, paired by seed, Holm-adjusted over 4 "
+        "comparisons): a bias: mean_of_means (AdamW, (2,16), n = 5: -0.0120 [-0.0200, -0.0040] masked_accuracy); "
+        "below the detection limit: clip_per_micro_batch (no effect beyond ±0.0060–0.0090 accuracy); "
+        "1 not yet decidable (3 of 5 pairs finished).")
+    assert (text.index("## 1. The converged study") < text.index("## 2. The real biases at the end of training")
+            < text.index("## 3. The Hugging Face Trainer"))
+    nums = json.loads((out.parent / "numbers.json").read_text())
+    assert nums["biases.comparisons"] == 4 and nums["biases.waiting"] == 1
+    assert nums["biases.below"] == [{"bias": "clip_per_micro_batch", "metric": "accuracy", "limit": [0.006, 0.009],
+                                     "comparisons": 2}]
+    (biases / "paired.csv").unlink()
+    with pytest.raises(BertAccumError, match="paired.csv"):
+        _build(root, grid, tmp_path / "out2", biases=str(biases))
+
+
 def test_rebase_links_moves_relative_targets_only():
     from bert_accum.study.report import rebase_links
 

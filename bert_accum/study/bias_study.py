@@ -12,8 +12,8 @@ with dropout and padding held fixed), and writes to the output folder (default `
 * ``lr.csv`` and ``lr.png``: the learning rate of every arm at every optimizer step (first seed), small multiples per
   optimizer and (B, N);
 * ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm;
-* ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --section``),
-  opening with its answer. A comparison gets a verdict only once all its planned pairs have finished.
+* ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --biases DIR``,
+  which also reads ``paired.csv`` for the report's answer), opening with its answer. A comparison gets a verdict only once all its planned pairs have finished.
 
 A pair is two finished runs of the same grid cell name except the arm; they are refused (one line) when they differ
 in anything but the settings that distinguish the two arms in the grid file. Every file is headed by the command and

@@ -26,6 +26,9 @@ prefixes (``<s>`` a converged study, ``<t>`` a task, ``e<E>`` an effective batch
   switches.<arm>                     `--field value` settings that turn a headline run into that arm's run
   early.studies, early.<study>.*, early.arm.<arm>.*, early.bugs
   batchnorm.*, answer.*              the first five lines of the report
+  biases.*                           the bias study at the end of training (bias-study's paired.csv), when given:
+                                     present, comparisons, shown (bias, optimizer, B, N, effect and 95% interval),
+                                     below (per bias and metric: detection-limit range), waiting, pairs_finished/planned
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ def to_json(nums: dict[str, Any]) -> str:
             return None
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
         return v
 
     return json.dumps({k: clean(v) for k, v in sorted(nums.items())}, indent=1, allow_nan=False) + "\n"
@@ -110,8 +115,10 @@ def to_json(nums: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ everything
 def compute(converged: list[ConvergedStudy], early: list[EarlyStudy], probes: dict[str, list[dict[str, Any]]],
-            batchnorm_dir: Path | None, provenance_text: str, glue_dir: str | None = None) -> dict[str, Any]:
-    """The numbers dict of a report (see the module docstring for its keys)."""
+            batchnorm_dir: Path | None, provenance_text: str, glue_dir: str | None = None,
+            bias_pairs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The numbers dict of a report (see the module docstring for its keys); `bias_pairs` are the rows of a bias
+    study's paired.csv (`report.read_bias_pairs`)."""
     nums: dict[str, Any] = {"provenance": provenance_text}
     toy = toy_example()
     _put(nums, "toy", batch_grad=toy["batch_grad"], accumulated_first=toy["accumulated"][0],
@@ -125,8 +132,32 @@ def compute(converged: list[ConvergedStudy], early: list[EarlyStudy], probes: di
     _task_probes(nums)
     _early(nums, early)
     _batchnorm(nums, batchnorm_dir)
+    _biases(nums, bias_pairs)
     _answer(nums)
     return nums
+
+
+def _biases(nums: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
+    """biases.*: which biases the bias study shows at the end of training, which stay below their detection limit,
+    and how many comparisons still wait for pairs (its checks, a backend against the loop, are no test of a bias)."""
+    nums["biases.present"] = rows is not None
+    if rows is None:
+        return
+    tests = [r for r in rows if r["verdict"] != "a check"]
+    shown = [{"bias": r["bias"], "optimizer": r["optimizer"], "micro_batch_size": r["micro_batch_size"],
+              "accumulation_steps": r["accumulation_steps"], "metric": r["metric"], "n": r["n"],
+              "mean_diff": r["mean_diff"], "ci95": [r["ci95_lo"], r["ci95_hi"]], "p_holm": r["p_holm"]}
+             for r in tests if r["verdict"] == "a bias"]
+    below: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in tests:
+        if r["verdict"] == "below the detection limit":
+            below[(r["bias"], r["metric"])].append(r["detection_limit"])
+    waiting = [r for r in tests if r["verdict"].startswith("not yet decidable")]
+    _put(nums, "biases", comparisons=len(tests), shown=shown,
+         below=[{"bias": b, "metric": m, "limit": span(v), "comparisons": len(v)} for (b, m), v in below.items()],
+         waiting=len(waiting), waiting_pairs_finished=sum(r["n"] for r in waiting),
+         waiting_pairs_planned=sum(r["planned"] for r in waiting),
+         too_few=sum(r["verdict"] == "too few pairs" for r in tests))
 
 
 # ------------------------------------------------------------------------------------------ converged

@@ -621,6 +621,9 @@ class ReportInputs:
     sections: list[str] = field(default_factory=list)
     """Markdown sections written by other study scripts (e.g. results/trainer/trainer.md), each headed by its
     provenance comment; appended after the converged study with that provenance kept beside them."""
+    biases: str | None = None
+    """Output folder of `bias-study`: its biases.md is the first included section, its paired.csv fills the
+    answer's end-of-training biases."""
 
 
 def rebase_links(body: str, section_dir: Path, out_dir: Path) -> str:
@@ -652,6 +655,23 @@ def read_section(path: Path) -> tuple[str, str, str]:
     return str(path), match.group(1), "\n".join(lines[1:]).strip("\n")
 
 
+BIAS_NUMBER_COLUMNS = ("micro_batch_size", "accumulation_steps", "n", "planned", "reference_mean", "mean_diff",
+                       "ci95_lo", "ci95_hi", "detection_limit", "max_abs_diff", "p_value", "p_holm")
+
+
+def read_bias_pairs(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows of a bias study's paired.csv (bias-study --output_dir), numbers parsed; NaN where none was computed."""
+    path = Path(folder) / "paired.csv"
+    rows = _read_table(path)
+    for row in rows:
+        missing = [k for k in (*BIAS_NUMBER_COLUMNS, "bias", "verdict", "optimizer", "metric") if k not in row]
+        if missing:
+            raise BertAccumError(f"{path}: no column {', '.join(missing)}; is it a table written by bias-study?")
+        for k in BIAS_NUMBER_COLUMNS:
+            row[k] = _number(row[k], path, k)
+    return rows
+
+
 def default_output_dir(base: str | Path = "reports") -> Path:
     """A new folder name under `base` stamped with the local time (never an existing one)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -679,13 +699,15 @@ def build_report(inp: ReportInputs) -> Path:
     probes = load_probes(Path(inp.probe_dir)) if inp.probe_dir else {}
     if not converged and not early:
         raise BertAccumError("nothing to report: give runs folders (with --grid for a converged study) or --early_csv")
-    extra = [read_section(Path(p)) for p in inp.sections]
+    bias_pairs = read_bias_pairs(inp.biases) if inp.biases else None
+    section_files = ([str(Path(inp.biases) / "biases.md")] if inp.biases else []) + list(inp.sections)
+    extra = [read_section(Path(p)) for p in section_files]
     prov = provenance(inp.command or command_line(), git_commit())
     out = Path(inp.output_dir) if inp.output_dir else default_output_dir()
     extra = [(p, head, rebase_links(body, Path(p).parent, out)) for p, head, body in extra]
 
     nums = numbers.compute(converged, early, probes, Path(inp.batchnorm_dir) if inp.batchnorm_dir else None,
-                           prov, glue_dir=inp.glue_dir)
+                           prov, glue_dir=inp.glue_dir, bias_pairs=bias_pairs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -193,6 +193,14 @@ ANSWER_CAUSES = ("4. **Which causes are real biases?** One step (the probe, per 
                  "round-off: "
                  "{systematic}; random, like a new dropout draw: {random}; round-off: {roundoff}.{bugs}")
 ANSWER_CAUSES_NONE = "4. **Which causes are real biases?** No probe tables in this report."
+ANSWER_BIASES_END = (" At the end of training (the bias study: each bias against its fix, paired by seed, "
+                     "Holm-adjusted over {comparisons} comparisons): {parts}.")
+ANSWER_BIASES_SHOWN = "a bias: {items}"
+ANSWER_BIAS_SHOWN = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_steps}), n = {n}: {effect} {metric})"
+ANSWER_BIASES_NONE_SHOWN = "none shown"
+ANSWER_BIASES_BELOW = "below the detection limit: {items}"
+ANSWER_BIAS_BELOW = "{bias} (no effect beyond ±{limit} {metric})"
+ANSWER_BIASES_WAITING = "{waiting} not yet decidable ({finished} of {planned} pairs finished)"
 ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 (early training, not a final "
                "outcome): {bugs}.")
 ANSWER_ACT = {
@@ -494,6 +502,8 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                       roundoff=names(nums["answer.roundoff"]), bugs=bugs))
     else:
         L.append(ANSWER_CAUSES_NONE)
+    if nums.get("biases.present"):
+        L[-1] += _biases_at_the_end(nums)
     if nums["answer.exact_arm"]:
         by_task = ", ".join(fill(ANSWER_EXACT_TASK, nums, task=t, value=show(v), metric=m, ratio=show(r, "2"))
                             for t, v, m, r in zip(nums["answer.exact_tasks"], nums["answer.exact_by_task"],
@@ -506,6 +516,32 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         exact = ANSWER_EXACT_NONE
     L += [fill(ANSWER_ACT[state], nums, exact=exact), ""]
     return L
+
+
+def _biases_at_the_end(nums: dict[str, Any]) -> str:
+    """Line 4's last sentence: the bias study's verdicts at the end of training."""
+    shown = [fill(ANSWER_BIAS_SHOWN, nums, **{k: v for k, v in r.items() if k != "ci95"},
+                  effect=f"{show(r['mean_diff'], 'signed')} {_pair_ci(r['ci95'])}") for r in nums["biases.shown"]]
+    parts = []
+    if shown:
+        parts.append(fill(ANSWER_BIASES_SHOWN, nums, items="; ".join(shown)))
+    elif nums["biases.below"]:  # "none shown" only once some comparison has been decided
+        parts.append(ANSWER_BIASES_NONE_SHOWN)
+    if nums["biases.below"]:
+        parts.append(fill(ANSWER_BIASES_BELOW, nums, items=", ".join(
+            fill(ANSWER_BIAS_BELOW, nums, bias=b["bias"], limit=show(b["limit"], "range"), metric=b["metric"])
+            for b in nums["biases.below"])))
+    if nums["biases.waiting"]:
+        parts.append(fill(ANSWER_BIASES_WAITING, nums, waiting=nums["biases.waiting"],
+                          finished=nums["biases.waiting_pairs_finished"], planned=nums["biases.waiting_pairs_planned"]))
+    return fill(ANSWER_BIASES_END, nums, comparisons=nums["biases.comparisons"], parts="; ".join(parts))
+
+
+def _pair_ci(ci: list[float]) -> str:
+    lo, hi = ci
+    if isinstance(lo, float) and math.isnan(lo):
+        return "(one pair)"
+    return f"[{fmt(float(lo), 4)}, {fmt(float(hi), 4)}]"
 
 
 def _size(nums: dict[str, Any], task: str) -> str:
