@@ -337,8 +337,22 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
 
     text = render(nums, {})
     assert [l for l in text.splitlines() if l.startswith("| sst2 | 8 | floor_all | (8, 1) |")][0].endswith("| 35.0% |")
-    assert ("sst2: a run pair differs by 0.0014 accuracy on average (mean |(B, N) − (E, 1)| over seeds) against 0.0014 "
-            "for a dropout re-seed, |mean paired difference| 0.0010,") in text
+    # line 2: each comparison beside its own floor; sd ratio sqrt(20 / 30) = 0.82
+    assert ("Mean |(B, N) − (E, 1)| over seeds, against the same for a dropout re-seed of (E, 1), and the ratio of their "
+            "standard deviations: sst2 accuracy: (2, 4) at E = 8 0.0014 against 0.0014 (sd 0.82×); stsb pearson:") in text
+    assert "sst2's paired runs label this fraction of examples differently: 0.1000 against 0.2000" in text
+    # line 5: accumulating's cost against a re-seed's, as point estimates
+    assert "could not be told from another dropout seed's (point estimates of the mean |difference| against a re-seed's: sst2 1.00×" in text
+    # the headline arm shares its (E, 1) runs with the floor: Pitman-Morgan, i.e. the correlation of x + y and x - y
+    from scipy import stats as sps
+
+    x, y = ACC_DIFFS, FLOOR_DIFFS
+    pm = float(sps.pearsonr([a + b for a, b in zip(x, y)], [a - b for a, b in zip(x, y)]).pvalue)
+    assert nums[f"{p}.spread.paired"] and nums[f"{p}.spread.equal_spread_p"] == pytest.approx(pm)
+    assert f"| PM {pm:.3f} |" in row_of(text, "| sst2 | 8 | default | (2, 4) | 10 |")
+    # the controlled arm has its own (E, 1) runs: an independent sample, Brown-Forsythe, its mean read against 0
+    c8 = "conv.sst2.e8.pair.controlled.B2_N4"
+    assert not nums[f"{c8}.spread.paired"] and math.isnan(nums[f"{c8}.spread.vs_floor_mean"])
     assert ("its first steps match (E, 1) to fp32 round-off; largest |paired difference| at the end sst2 0.0000 accuracy "
             "(0.00× the dropout-only floor's sd), stsb 0.0000 pearson (0.00× the dropout-only floor's sd) over 6 pairs)."
             ) in text
@@ -353,6 +367,30 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["conv.sst2.e8.cell.default.B8_N1.curve.steps"] == [4, 8]
     assert nums["conv.sst2.setup.arm.floor_init.seeds"] == [1, 2, 3, 4, 5]
     assert nums["conv.sst2.setup.arm.floor_init.seed_offsets"] == ["seed +1000", "data_seed +0", "dropout_seed +0"]
+
+
+def row_of(text: str, start: str) -> str:
+    """The one line of `text` that starts with `start`."""
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_a_mean_shift_the_floor_shares_is_named_in_line_1(tmp_path):
+    """A headline pair read as a dropout re-seed whose own mean is nonetheless not 0 (one-sample t p < 0.05): line 1
+    says so and names the floor's shift beside it instead of letting 'variance, not bias' hide it."""
+    from bert_accum.study import numbers
+    from bert_accum.study.templates import render
+
+    root, grid, _ = write_converged(tmp_path)
+    nums = _numbers(root, grid)
+    p = "conv.sst2.e8.pair.default.B2_N4"
+    assert nums["answer.shifted"] == []
+    nums[f"{p}.spread.t_p"] = 0.01
+    numbers._answer(nums)
+    assert nums["answer.shifted"] == [p]
+    line1 = row_of(render(nums, {}), "1. ")
+    assert line1.endswith(" sst2 default (2, 4) vs (8, 1): its mean paired difference is not 0 (+0.0010, t p 0.010), "
+                          "but a dropout re-seed of the same (E, 1) runs shifts the metric as much (+0.0000): the shift "
+                          "belongs to those reference runs' draw, not to accumulating.")
 
 
 def test_a_shifted_headline_pair_is_read_as_a_bias(tmp_path):
@@ -429,7 +467,8 @@ def test_the_report_opens_with_the_answer_and_every_number_is_in_numbers_json(tm
     assert spread_row.endswith("| — | — | — | — | — | not yet decidable (n = 9 of 10) |")
     assert "| stsb | 8 | default | (2, 4) vs (8, 1) | 10 of 10 | +0.0010 |" in text
     # a task is shown its own probe table only
-    assert "- sst2, one step (probe `sst2` of this task): standard dropout alone 0.950 of the one-step dropout-only floor" in text
+    assert ("- sst2, one step (probe `sst2` of this task; the relative L2 distance of the first accumulated gradient "
+            "from (E, 1)'s, as a ratio to that of a dropout re-seed of (E, 1)): standard dropout alone 0.950,") in text
     assert "- stsb: no probe table of this task and objective" in text
     # how the runs were made comes from config.json / environment.json, not from prose
     assert "learning rate 0.0001 (linear" in text and "on test-cpu at commit abc123 with" in text
@@ -752,7 +791,8 @@ def test_the_step_at_which_paired_runs_part_is_read_from_their_training_losses(t
 
     text = render(nums, {})
     assert "its first steps match (E, 1) to fp32 round-off;" in text
-    assert "on sst2 one pair's training losses differ by 1% from step 6 of 8)." in text
+    assert ("over a run the gap can still grow until pairs part: the training losses of 1 of its 6 pairs differ by 1% "
+            "from step 6 on, in sst2 E = 8 (8 steps))." in text)
     assert "| sst2 | 8 | controlled | (2, 4) vs (8, 1) | 1 | 8 | 4 | 6 | 3.00 | +0.0000 | 0.00 |" in text
     # the mechanism section's whole-run line for fp32 order: 1 of the arm's 6 seed pairs parts
     assert ("- Over whole runs (arm `controlled` of the converged study, whose first steps match to round-off): 1 of 6 "

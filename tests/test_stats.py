@@ -8,6 +8,7 @@ u = t / sqrt(1 + t^2 / 4), v = t^2 / (1 + t^2 / 4).
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -79,6 +80,36 @@ def test_spread_against_the_floor_by_hand():
     assert 0.05 < s.brown_forsythe_p < 0.10
     assert s.t_p == 1.0 and s.wilcoxon_p == pytest.approx(1.0)
     assert stats.reading(s) == "same spread, zero mean: a dropout re-seed (variance, not bias)"
+
+
+def test_pitman_morgan_by_hand_and_by_its_definition():
+    """Paired differences that share their (E, 1) runs: equal variances iff x + y and x - y are uncorrelated; the
+    interval is the set of ratios lambda whose test of x + sqrt(lambda) y against x - sqrt(lambda) y keeps p >= 5%."""
+    from scipy import stats as sps
+
+    # proportional samples (y = x / 2): the ratio is exactly 4, with no uncertainty left
+    p, lo, hi = stats.pitman_morgan([1.0, -1.0, 2.0, -2.0], [0.5, -0.5, 1.0, -1.0])
+    assert p == pytest.approx(0.0, abs=1e-12) and (lo, hi) == (pytest.approx(4.0), pytest.approx(4.0))
+    # uncorrelated, equal variances: p = 1; K = 1 + t(0.975; 2)^2 and the interval [K - sqrt(K^2 - 1), K + ...]
+    p, lo, hi = stats.pitman_morgan([1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0])
+    k = 1 + 4.302652729911275 ** 2
+    assert p == pytest.approx(1.0) and hi == pytest.approx(k + math.sqrt(k * k - 1)) and lo * hi == pytest.approx(1.0)
+    x, y = [0.3, -0.1, 0.5, -0.4, 0.2], [0.1, 0.05, 0.2, -0.3, -0.1]
+    p, lo, hi = stats.pitman_morgan(x, y)
+    def corr_p(lam: float) -> float:
+        return float(sps.pearsonr([a + math.sqrt(lam) * b for a, b in zip(x, y)],
+                                  [a - math.sqrt(lam) * b for a, b in zip(x, y)]).pvalue)
+    assert p == pytest.approx(corr_p(1.0))
+    assert corr_p(lo) == pytest.approx(0.05, abs=1e-9) and corr_p(hi) == pytest.approx(0.05, abs=1e-9)
+    assert lo < statistics.variance(x) / statistics.variance(y) < hi
+    assert all(math.isnan(v) for v in stats.pitman_morgan([0.1, 0.2], [0.3, 0.1]))  # n - 2 = 0 degrees of freedom
+    # paired spread: the interval and equal-spread p are Pitman-Morgan's, the independent ones stay for the CSV
+    s = stats.spread(x, y, paired=True)
+    assert s.paired and s.equal_spread_p == pytest.approx(p) and (s.var_ratio_low, s.var_ratio_high) == (lo, hi)
+    assert s.brown_forsythe_p == stats.brown_forsythe_p(x, y)
+    assert not stats.spread(x, y).paired and stats.spread(x, y).equal_spread_p == s.brown_forsythe_p
+    with pytest.raises(ValueError):
+        stats.spread(x, y[:4], paired=True)
 
 
 def test_zero_mean_tests_by_hand():

@@ -479,16 +479,28 @@ def _only_dropout_floor(floors: dict[tuple[str, str], str]) -> str | None:
 
 
 def _against_floor(nums: dict[str, Any], key: str, floor: str | None) -> None:
-    """Spread and mean of a pair's differences against the dropout-only floor, and the disagreement ratio."""
+    """Spread and mean of a pair's differences against the dropout-only floor, and the disagreement ratio.
+
+    A pair of the floor's own reference arm shares its (E, 1) runs with the floor: the two are compared seed by seed
+    (Pitman-Morgan for the spread, a paired t test for the mean). A pair of another arm has its own (E, 1) runs:
+    its spread is compared as an independent sample and its mean against 0, as a mean against the floor's would mix
+    two references."""
     floor_diffs = nums.get(f"{floor}.diffs", []) if floor else []
-    result = stats.spread(nums[f"{key}.diffs"], floor_diffs)
+    arm = key.split(".pair.")[1].split(".")[0]
+    shared = bool(floor) and nums.get(f"{floor}.reference_arm") == arm
+    floor_by_seed = dict(zip(nums.get(f"{floor}.seeds", []), floor_diffs)) if floor else {}
+    both = [(d, floor_by_seed[s]) for s, d in zip(nums[f"{key}.seeds"], nums[f"{key}.diffs"]) if s in floor_by_seed]
+    if shared:
+        result = stats.spread([d for d, _ in both], [f for _, f in both], paired=True)
+    else:
+        result = stats.spread(nums[f"{key}.diffs"], floor_diffs)
     for f, v in result.as_dict().items():
         nums[f"{key}.spread.{f}"] = v
+    nums[f"{key}.spread.equal_spread_p"] = result.equal_spread_p
     sd_ratio = math.sqrt(result.var_ratio) if math.isfinite(result.var_ratio) else math.nan
     # Below the required number of pairs the reading is the gated verdict ("not yet decidable (n = k of m)").
     # The mean against the floor's, seed by seed: (B,N)_i - floor_i = diff_i - floor_diff_i.
-    floor_by_seed = dict(zip(nums.get(f"{floor}.seeds", []), floor_diffs)) if floor else {}
-    matched = [d - floor_by_seed[s] for s, d in zip(nums[f"{key}.seeds"], nums[f"{key}.diffs"]) if s in floor_by_seed]
+    matched = [d - f for d, f in both] if shared else []
     vs_floor_p = stats.t_p(matched) if len(matched) > 1 else math.nan
     reading = (stats.reading(result, vs_floor_p=vs_floor_p) if nums[f"{key}.decided"] else nums[f"{key}.verdict"]
                if result.n else "no pairs yet")
@@ -518,8 +530,8 @@ def converged_tables(nums: dict[str, Any], study: str) -> dict[str, list[dict[st
                                                                            "bound")},
                                     "verdict": nums[f"{k}.verdict"], "missing_seeds": " ".join(map(str, nums[f"{k}.missing_seeds"]))})
                 out["spread"].append({**base, **{f: nums[f"{k}.spread.{f}"] for f in (
-                    "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "brown_forsythe_p",
-                    "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_ci95_low", "vs_floor_ci95_high", "vs_floor_t_p",
+                    "n", "n_floor", "sd", "floor_sd", "var_ratio", "var_ratio_low", "var_ratio_high", "paired",
+                    "equal_spread_p", "pitman_morgan_p", "brown_forsythe_p", "t_p", "wilcoxon_p", "floor_t_p", "vs_floor_n", "vs_floor_mean", "vs_floor_ci95_low", "vs_floor_ci95_high", "vs_floor_t_p",
                     "reading")}})
                 t = f"{k}.trajectory"
                 out["trajectory"] += [{**base, "seed": seed, "diff": d, "steps": n, "apart_1e4": a4, "apart_1e2": a2,
@@ -753,6 +765,20 @@ def _answer(nums: dict[str, Any]) -> None:
              floor_disagreement=span(nums[f"{k}.disagreement.floor_mean"] for k in mine),
              bound=span(nums[f"{k}.tost.bound"] for k in mine if nums[f"{k}.decided"]),
              floor_bound=span(nums[f"{f}.tost.bound"] for f in _decided_floors(nums, mine)))
+        # The same per comparison (one per effective batch), so line 2 sets each beside its own floor.
+        with_pairs = [k for k in mine if nums[f"{k}.diffs"]]
+        abs_means = [statistics.fmean(abs(d) for d in nums[f"{k}.diffs"]) for k in with_pairs]
+        floor_abs = [nums.get(f"{nums[f'{k}.spread.floor']}.abs_mean", math.nan) if nums[f"{k}.spread.floor"]
+                     else math.nan for k in with_pairs]
+        _put(nums, f"answer.{task}", pairs=with_pairs, abs_mean_by_pair=abs_means, floor_abs_mean_by_pair=floor_abs,
+             sd_ratio_by_pair=[nums[f"{k}.spread.sd_ratio"] for k in with_pairs],
+             disagreement_by_pair=[nums[f"{k}.disagreement.mean"] for k in with_pairs],
+             floor_disagreement_by_pair=[nums[f"{k}.disagreement.floor_mean"] for k in with_pairs],
+             abs_mean_ratio=span(a / f for a, f in zip(abs_means, floor_abs) if math.isfinite(f) and f > 0))
+    # Decided pairs read as a dropout re-seed whose mean is nonetheless not 0: the floor's runs shift as much, so the
+    # shift belongs to the shared (E, 1) runs' draw; line 1 says so rather than let "variance" hide it.
+    nums["answer.shifted"] = [k for k in decided if nums[f"{k}.spread.t_p"] < 0.05
+                              and nums[f"{k}.spread.reading"].endswith("(variance, not bias)")]
     # The same TOST on the dropout-only floors of the decided comparisons: can a mere re-seed be shown equivalent?
     floors = _decided_floors(nums, decided)
     _put(nums, "answer", floor_decided=len(floors),
@@ -817,6 +843,7 @@ def _answer(nums: dict[str, Any]) -> None:
          exact_apart_task=first_apart[2] if first_apart else None, exact_first_gap=first_gap,
          exact_roundoff=bool(math.isfinite(first_gap) and first_gap < ROUNDOFF_FIRST_STEP),
          exact_planned=sum(nums[f"{k}.required"] for k in mine),
+         exact_not_equivalent=[k for k in mine if nums[f"{k}.decided"] and nums[f"{k}.verdict"] != "equivalent"],
          exact_decided=all(nums[f"{k}.decided"] for k in mine) if mine else False)
     # Runs still to come, by arm, and whether any of them belongs to what lines 1-3 rest on (the headline arms and
     # the dropout-only floors).

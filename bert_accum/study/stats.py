@@ -14,11 +14,15 @@ Definitions
       - ``not decidable``: fewer than two pairs.
     A difference can thus be nonzero and still ``equivalent`` when it is smaller than the margin; the 95%
     interval is reported beside the verdict so a reader sees both.
-  * **Spread against the floor**: the paired differences against the dropout-only floor differences
-    ((E, 1) with another dropout seed - (E, 1)). Brown-Forsythe test (Levene's test about the median) of equal
-    spread, and the variance ratio s_pair^2 / s_floor^2 with its 95% F interval. The two samples share the
-    (E, 1) reference runs, so they are not independent; both tests treat them as independent samples, which
-    makes them approximate (the shared reference adds the same noise to both).
+  * **Spread against the floor**: the paired differences x_i = (B, N)_i - (E, 1)_i against the dropout-only floor
+    differences y_i = floor_i - (E, 1)_i, and the variance ratio s_x^2 / s_y^2. When both are measured from the same
+    (E, 1) runs (the headline arm and its floor), x_i and y_i share the reference's noise and are correlated, so
+    they are compared seed by seed: the **Pitman-Morgan** test (Var x = Var y exactly when x + y and x - y are
+    uncorrelated: a t test of that correlation, n - 2 degrees of freedom) and its interval for the ratio,
+    F (K -+ sqrt(K^2 - 1)) with F = s_x^2 / s_y^2, K = 1 + 2 t^2 (1 - r^2) / (n - 2), r the correlation of x and y
+    and t the two-sided t quantile (the ratios lambda whose test x + sqrt(lambda) y against x - sqrt(lambda) y is
+    not rejected). For an arm measured against its own (E, 1) runs (another reference), the samples are
+    independent: Brown-Forsythe test (Levene's test about the median) and the F interval of the ratio.
   * **Zero mean**: one-sample Student t test and Wilcoxon signed-rank test (zero differences dropped, as
     scipy's default ``wilcox`` rule does) of the paired differences.
   * **Disagreement** of two runs' dev predictions: for classification the fraction of dev examples whose
@@ -139,6 +143,15 @@ class Spread:
     t_p: float
     wilcoxon_p: float
     floor_t_p: float
+    paired: bool = False
+    """Compared seed by seed (a shared (E, 1) reference): the ratio's interval and `equal_spread_p` are
+    Pitman-Morgan's; otherwise the F interval and Brown-Forsythe."""
+    pitman_morgan_p: float = NAN
+
+    @property
+    def equal_spread_p(self) -> float:
+        """The p of the equal-spread test that fits the samples: Pitman-Morgan when paired, else Brown-Forsythe."""
+        return self.pitman_morgan_p if self.paired else self.brown_forsythe_p
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
@@ -157,6 +170,31 @@ def variance_ratio(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     f = va / vb
     df1, df2 = len(a) - 1, len(b) - 1
     return f, f / float(stats.f.ppf(0.5 + level / 2, df1, df2)), f / float(stats.f.ppf(0.5 - level / 2, df1, df2))
+
+
+def pitman_morgan(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Paired samples (a_i, b_i): (p of equal variances, low, high of the `level` interval for s_a^2 / s_b^2) by the
+    Pitman-Morgan test (see the module docstring); NaN below three pairs or where a variance is 0."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError(f"paired samples of different lengths ({len(a)} vs {len(b)})")
+    n = len(a)
+    if n < 3:
+        return NAN, NAN, NAN
+    va, vb = statistics.variance(a), statistics.variance(b)
+    if va == 0 or vb == 0:
+        return NAN, NAN, NAN
+    r2 = min(1.0, statistics.covariance(a, b) ** 2 / (va * vb))
+    f = va / vb
+    # corr(a + b, a - b) = (va - vb) / sqrt((va + vb)^2 - 4 cov^2), tested as a Pearson correlation with n - 2 df
+    denominator = (va + vb) ** 2 - 4 * r2 * va * vb
+    rho = (va - vb) / math.sqrt(denominator) if denominator > 0 else math.copysign(1.0, va - vb)
+    p = 0.0 if abs(rho) >= 1 else float(2 * stats.t.sf(abs(rho) * math.sqrt((n - 2) / (1 - rho * rho)), n - 2))
+    t = float(stats.t.ppf(0.5 + level / 2, n - 2))
+    k = 1 + 2 * t * t * (1 - r2) / (n - 2)
+    root = math.sqrt(k * k - 1)
+    return p, f * (k - root), f * (k + root)
 
 
 def brown_forsythe_p(a: Sequence[float], b: Sequence[float]) -> float:
@@ -199,10 +237,18 @@ def wilcoxon_p(diffs: Sequence[float]) -> float:
     return float(stats.wilcoxon(diffs).pvalue)
 
 
-def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
-    """Compare paired differences with floor differences: spreads, variance ratio, equal-spread and zero-mean tests."""
-    a = [float(x) for x in diffs if not math.isnan(x)]
-    b = [float(x) for x in floor if not math.isnan(x)]
+def spread(diffs: Sequence[float], floor: Sequence[float], paired: bool = False) -> Spread:
+    """Compare paired differences with floor differences: spreads, variance ratio, equal-spread and zero-mean tests.
+    `paired`: diffs[i] and floor[i] come from the same (E, 1) run (same seed), so the ratio's interval and the
+    equal-spread test are Pitman-Morgan's."""
+    if paired:
+        if len(diffs) != len(floor):
+            raise ValueError(f"paired samples of different lengths ({len(diffs)} vs {len(floor)})")
+        kept = [(float(x), float(y)) for x, y in zip(diffs, floor) if not (math.isnan(x) or math.isnan(y))]
+        a, b = [x for x, _ in kept], [y for _, y in kept]
+    else:
+        a = [float(x) for x in diffs if not math.isnan(x)]
+        b = [float(x) for x in floor if not math.isnan(x)]
 
     def ms(v: list[float]) -> tuple[float, float]:
         """Mean and sample sd (NaN where undefined)."""
@@ -210,15 +256,18 @@ def spread(diffs: Sequence[float], floor: Sequence[float]) -> Spread:
 
     (m, s), (fm, fs) = ms(a), ms(b)
     f, lo, hi = variance_ratio(a, b)
+    pm_p = NAN
+    if paired:
+        pm_p, lo, hi = pitman_morgan(a, b)
     return Spread(len(a), len(b), m, s, fm, fs, f, lo, hi, brown_forsythe_p(a, b), t_p(a),
-                  wilcoxon_p(a) if len(a) > 1 else NAN, t_p(b))
+                  wilcoxon_p(a) if len(a) > 1 else NAN, t_p(b), paired, pm_p)
 
 
 def reading(s: Spread, alpha: float = 0.05, vs_floor_p: float = NAN) -> str:
     """What the spread and mean tests say, first that applies: 'nonzero mean (bias)' (t or Wilcoxon p < alpha;
     with `vs_floor_p`, that paired test against the floor runs instead, and the readings name the floor's mean);
     'smaller' / 'larger spread than the dropout floor' (the variance ratio's interval below / above 1) or 'spread
-    unlike the dropout floor' (Brown-Forsythe p < alpha only); else 'same spread, zero mean: a dropout re-seed
+    unlike the dropout floor' (the equal-spread test's p < alpha only: Pitman-Morgan when paired, else Brown-Forsythe); else 'same spread, zero mean: a dropout re-seed
     (variance, not bias)'. 'not decidable' below two values per sample."""
     if s.n < 2 or s.n_floor < 2:
         return "not decidable"
@@ -229,7 +278,9 @@ def reading(s: Spread, alpha: float = 0.05, vs_floor_p: float = NAN) -> str:
         mean_shown = vs_floor_p < alpha
     else:
         mean_shown = s.t_p < alpha or (not math.isnan(s.wilcoxon_p) and s.wilcoxon_p < alpha)
-    spread_shown = s.brown_forsythe_p < alpha or not (s.var_ratio_low <= 1 <= s.var_ratio_high)
+    interval_excludes_1 = (math.isfinite(s.var_ratio_low) and math.isfinite(s.var_ratio_high)
+                           and not s.var_ratio_low <= 1 <= s.var_ratio_high)
+    spread_shown = s.equal_spread_p < alpha or interval_excludes_1
     if mean_shown:
         return "nonzero mean against the dropout floor's (bias)" if against_floor else "nonzero mean (bias)"
     if spread_shown:

@@ -102,6 +102,14 @@ def _ratio_ci(nums: dict[str, Any], key: str) -> str:
     return f"{show(ratio, '3')} {_ci(nums, key, 'var_ratio_low', 'var_ratio_high', 3)}"
 
 
+def _equal_spread(nums: dict[str, Any], key: str) -> str:
+    """The equal-spread test that fits the samples, named: `PM p` (paired by seed) or `BF p` (independent)."""
+    p = nums.get(f"{key}.equal_spread_p")
+    if not isinstance(p, (int, float)) or not math.isfinite(p):
+        return "—"
+    return f"{'PM' if nums.get(f'{key}.paired') else 'BF'} {show(p, 'p')}"
+
+
 def _vs_floor(nums: dict[str, Any], key: str) -> str:
     """Mean of (B, N) minus the dropout floor run of the same seed, with its 95% interval (a dash without pairs)."""
     mean = nums.get(f"{key}.vs_floor_mean")
@@ -141,7 +149,8 @@ ANSWER_HEAD = "## The answer"
 ANSWER_STATE = {
     "variance": ("1. **Variance, not bias.** In all {answer.decided} headline comparisons of (B, N) with (E, 1) the paired "
                  "differences cannot be told from the dropout-only floor's, in spread or in mean (n = "
-                 "{answer.n_range:range} seeds each{spread_limit}): accumulating acts like re-seeding dropout."),
+                 "{answer.n_range:range} seeds each{spread_limit}): accumulating cannot be told from re-seeding "
+                 "dropout."),
     "bias": ("1. **A bias in {n_biased} of {answer.decided} headline comparisons** ({biased}): their paired "
              "differences have a mean unlike the dropout-only floor's (see the spread table for the test); the others "
              "behave like a dropout re-seed."),
@@ -164,7 +173,17 @@ ANSWER_PARTIAL_READING = {
     "bias": "a mean paired difference unlike the dropout-only floor's in {n_biased} of them ({biased}).",
     "spread": "the floor's mean, but a spread unlike the dropout-only floor's in some (see the spread table).",
 }
+ANSWER_SHIFTED = (" {pair}: its mean paired difference is not 0 ({mean:signed}, t p {p:p}), but a dropout re-seed of "
+                  "the same (E, 1) runs shifts the metric as much ({floor_mean:signed}): the shift belongs to those "
+                  "reference runs' draw, not to accumulating.")
 ANSWER_SPREAD_LIMIT = "; a variance up to {answer.var_ratio_high:2}× the floor's is not ruled out"
+ANSWER_SIZE_BY_E = ("2. **How large, against the dropout-only floor?** Mean |(B, N) − (E, 1)| over seeds, against "
+                    "the same for a dropout re-seed of (E, 1), and the ratio of their standard deviations: {parts}.")
+ANSWER_SIZE_TASK = "{task} {metric}: {items}"
+ANSWER_SIZE_PAIR = "{bn} at E = {E} {abs} against {floor_abs} (sd {sd_ratio:2}×)"
+ANSWER_SIZE_DIS_BY_E = " On the dev set, {parts}."
+ANSWER_SIZE_DIS_TASK = "{task}'s paired runs {what} {values} against {floor_values} for two dropout seeds of (E, 1)"
+DISAGREE_WHAT_BY_E = {False: "label this fraction of examples differently:", True: "differ by an RMS of"}
 ANSWER_SIZE_ABS = ("{task}: a run pair differs by {abs_mean:range} {metric} on average (mean |(B, N) − (E, 1)| over "
                    "seeds) against {floor_abs_mean:range} for a dropout re-seed, |mean paired difference| "
                    "{abs_diff:range}")
@@ -206,8 +225,8 @@ ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 
 ANSWER_ACT = {
     "variance": ("5. **What to do.** Accumulate as usual with a correct loop (each window's loss normalised as the "
                  "large batch's: not the loop bugs below, nor the stock HF Trainer's N-fold loss on BERT): in "
-                 "these runs it cost no more than another dropout seed. To make (B, N) take (E, 1)'s steps instead, "
-                 "{exact}"),
+                 "these runs its cost could not be told from another dropout seed's{excess}. To make (B, N) take "
+                 "(E, 1)'s steps instead, {exact}"),
     "bias": "5. **What to do.** Do not swap (B, N) for (E, 1) where a bias is shown; to remove it, {exact}",
     "spread": "5. **What to do.** Check the spread table before relying on (B, N); to take (E, 1)'s steps, {exact}",
     "undecided": "5. **What to do** until the comparisons are decided: to take (E, 1)'s steps exactly, {exact}",
@@ -222,8 +241,12 @@ ANSWER_EXACT_START = {"round-off": "its first steps match (E, 1) to fp32 round-o
                                "{answer.exact_first_gap:g} relative (training loss)",
                       "unknown": "the closest arm (no step records to compare its first steps)"}
 ANSWER_EXACT_TASK = "{task} {value} {metric} ({ratio}× the dropout-only floor's sd)"
-ANSWER_EXACT_APART = ("; over a run the gap can still grow until a pair parts: on {answer.exact_apart_task} one pair's "
-                      "training losses differ by 1% from step {answer.exact_apart_step} of {answer.exact_apart_steps}")
+ANSWER_EXCESS = " (point estimates of the mean |difference| against a re-seed's: {items})"
+ANSWER_EXCESS_TASK = "{task} {ratio:range2}×"
+ANSWER_EXACT_APART = ("; over a run the gap can still grow until pairs part: the training losses of "
+                      "{answer.exact_parted} of its {answer.exact_seed_pairs} pairs differ by 1% from {steps} on, "
+                      "in {where}{not_equivalent}")
+ANSWER_EXACT_NOT_EQUIVALENT = ", and {pairs} {is_are} not shown equivalent to (E, 1)"
 ANSWER_EXACT_SO_FAR = " so far, of {answer.exact_planned} planned"
 SETUP_CHANGES = ("The design changed after runs had started (recorded in `{grid}` under `changes`, copied here as "
                  "written):")
@@ -268,8 +291,9 @@ SETUP_NONE = "No converged study in this report."
 SETUP_TASK_NONE = "- **{task}**: no run started yet (settings are read from run folders once they exist)."
 
 CONV_HEAD = "## The converged study `{s}`: final outcomes"
-PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task): standard dropout alone {dropout:range3} of the "
-                 "one-step dropout-only floor, the default loop {default:range3}, everything off {controlled:range3}.")
+PROBE_OF_TASK = ("- {task}, one step (probe `{table}` of this task; the relative L2 distance of the first accumulated "
+                 "gradient from (E, 1)'s, as a ratio to that of a dropout re-seed of (E, 1)): standard dropout alone "
+                 "{dropout:range3}, the default loop {default:range3}, everything off {controlled:range3}.")
 PROBE_OF_TASK_NONE = "- {task}: no probe table of this task and objective (another task's probe is not used for it)."
 TOST_HEAD = "### Is (B, N) equivalent to (E, 1)? (TOST)"
 TOST_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "n", "mean paired diff", "90% CI", "95% CI", "margin", "verdict",
@@ -283,16 +307,19 @@ TOST_NOTE = ("Paired differences (B, N) − (E, 1) of the final dev metric over 
              "{min_n} pairs, the others none below their planned number. Table: `study/{s}_tost.csv`.")
 SPREAD_HEAD = "### Variance or bias: against the dropout-only floor"
 SPREAD_COLS = ["task", "E", "arm", "(B, N)", "n", "sd", "floor n", "floor sd", "variance ratio [95% CI]",
-               "Brown–Forsythe p", "mean 0: t p", "mean − floor's [95% CI]", "vs floor: t p", "reading"]
-SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same init and data order. Brown–Forsythe "
-               "(Levene about the median) tests equal spread, the variance ratio's 95% F interval shows its size; "
-               "`mean 0` is the one-sample t test of whether the paired differences average 0 (the CSV adds the "
-               "Wilcoxon signed-rank test). The reading asks instead whether the mean is the floor's: (B, N) minus the "
-               "floor run of the same seed, its mean with a 95% t interval and a paired t test (`vs floor`), because "
-               "both are measured from the same (E, 1) runs and a reference with a lucky dropout draw shifts both "
-               "alike. Same spread and the floor's mean: the drift is a dropout "
-               "re-seed, variance and not bias. A row short of its required pairs shows no tests (its CSV row keeps them). "
-               "Table: `study/{s}_spread.csv`.")
+               "equal spread: p", "mean 0: t p", "mean − floor's [95% CI]", "vs floor: t p", "reading"]
+SPREAD_NOTE = ("The floor: (E, 1) with another dropout seed − (E, 1), same init and data order. An arm whose (E, 1) "
+               "runs are the floor's reference (the headline arm) is compared with the floor seed by seed, because both "
+               "differences contain the same (E, 1) run: `PM` is the Pitman–Morgan test of equal variances for paired "
+               "samples and the variance ratio's 95% interval is its own. An arm with its own (E, 1) runs is an "
+               "independent sample: `BF` is the Brown–Forsythe test (Levene about the median) and the interval the F "
+               "interval. `mean 0` is the one-sample t test of whether the paired differences average 0 (the CSV adds "
+               "the Wilcoxon signed-rank test; a dash where all differences are equal). For the headline arm the reading "
+               "asks instead whether the mean is the floor's: (B, N) minus the floor run of the same seed, its mean "
+               "with a 95% t interval and a paired t test (`vs floor`), because a reference with a lucky dropout draw "
+               "shifts both alike; another arm's mean is read against 0. Same spread and the floor's mean: the drift is "
+               "a dropout re-seed, variance and not bias. A row short of its required pairs shows no tests (its CSV row "
+               "keeps them). Table: `study/{s}_spread.csv`.")
 DISAGREE_HEAD = "### Do paired runs predict the same dev labels?"
 DISAGREE_COLS = ["task", "E", "compared", "measure", "n", "paired runs", "dropout floor", "ratio"]
 DISAGREE_MEASURE = {False: "fraction of dev labels that differ", True: "RMS difference of dev predictions"}
@@ -306,7 +333,10 @@ FLOORS_NOTE = ("Each floor run is an (E, 1) run that changes only the named seed
                "same grid seed. `dropout floor's, same seeds`: the dropout-only floor's mean abs diff over the seeds "
                "that floor has, so floors measured on fewer seeds compare like for like. `TOST at ±margin` judges the floor's differences by the pairs' test and margin: where "
                "even a re-seed is not shown equivalent, the margin is tighter than the noise the runs can resolve. "
-               "Table: `study/{s}_floors.csv`.")
+               "{few}Table: `study/{s}_floors.csv`.")
+FLOORS_FEW = ("A floor of {n} seeds gives a rough size, not a verdict to lean on: compare its mean abs diff with the "
+              "dropout floor's on the same seeds, and note that every floor is measured from the same (E, 1) "
+              "reference runs, so one lucky reference draw moves all of a seed's floors alike. ")
 TRAJ_HEAD = "### Step by step: when do the paired runs part?"
 TRAJ_COLS = ["task", "E", "arm", "(B, N) vs (E, 1)", "seed", "optimizer steps", "loss 1e-4 apart from step",
              "loss 1e-2 apart from step", "largest loss gap", "final difference", "× floor sd"]
@@ -477,8 +507,10 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                        reading=fill(ANSWER_PARTIAL_READING[nums["answer.decided_state"]], nums, **biased,
                                     spread_limit=spread_limit))
     L = [ANSWER_HEAD, "", fill(ANSWER_STATE[line1], nums, **biased, **partial, spread_limit=spread_limit)]
-    sizes = [_size(nums, t) for t in nums["answer.tasks"] if nums[f"answer.{t}.abs_diff"] is not None]
-    L.append(fill(ANSWER_SIZE, nums, parts="; ".join(sizes)) if sizes else ANSWER_SIZE_NONE)
+    for k in nums.get("answer.shifted", []):
+        L[-1] += fill(ANSWER_SHIFTED, nums, pair=_pair_name(nums, k), mean=nums[f"{k}.spread.mean"],
+                      p=nums[f"{k}.spread.t_p"], floor_mean=nums[f"{k}.spread.floor_mean"])
+    L.append(_size_line(nums))
     equiv = fill(ANSWER_EQUIV, nums) if nums["answer.n_headline"] else ANSWER_EQUIV_NONE
     bounds = [fill(ANSWER_EQUIV_BOUND, nums, f"answer.{t}", task=t) for t in nums["answer.tasks"]
               if nums[f"answer.{t}.bound"] is not None and nums[f"answer.{t}.floor_bound"] is not None]
@@ -511,11 +543,52 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         exact = fill(ANSWER_EXACT, nums, switches=" ".join(nums["answer.exact_switches"]), by_task=by_task,
                      start=fill(ANSWER_EXACT_START[_exact_start(nums)], nums),
                      so_far="" if nums["answer.exact_decided"] else fill(ANSWER_EXACT_SO_FAR, nums),
-                     apart=fill(ANSWER_EXACT_APART, nums) if nums["answer.exact_apart_step"] else "")
+                     apart=_exact_apart(nums))
     else:
         exact = ANSWER_EXACT_NONE
-    L += [fill(ANSWER_ACT[state], nums, exact=exact), ""]
+    ratios = [fill(ANSWER_EXCESS_TASK, nums, ratio=nums[f"answer.{t}.abs_mean_ratio"], task=t)
+              for t in nums["answer.tasks"] if nums.get(f"answer.{t}.abs_mean_ratio")]
+    excess = fill(ANSWER_EXCESS, nums, items=", ".join(ratios)) if ratios else ""
+    L += [fill(ANSWER_ACT[state], nums, exact=exact, excess=excess), ""]
     return L
+
+
+def _exact_apart(nums: dict[str, Any]) -> str:
+    """Line 5's clause on the exact arm's pairs that part over a whole run, and its comparisons not shown equivalent."""
+    if not nums.get("answer.exact_parted"):
+        return ""
+    ks = nums.get("answer.exact_not_equivalent", [])
+    not_equivalent = fill(ANSWER_EXACT_NOT_EQUIVALENT, nums, pairs=", ".join(_pair_name(nums, k) for k in ks),
+                          is_are="is" if len(ks) == 1 else "are") if ks else ""
+    lo, hi = nums["answer.exact_parted_steps"]
+    steps = f"step {lo}" if lo == hi else f"steps {lo}–{hi}"
+    return fill(ANSWER_EXACT_APART, nums, where=", ".join(nums["answer.exact_parted_where"]), steps=steps,
+                not_equivalent=not_equivalent)
+
+
+def _size_line(nums: dict[str, Any]) -> str:
+    """Line 2: each headline comparison's mean |difference| and sd beside its own dropout-only floor's, per task and
+    effective batch (a range over effective batches would hide which floor goes with which), then the dev-set
+    disagreement the same way."""
+    parts, dis = [], []
+    for t in nums["answer.tasks"]:
+        p = f"answer.{t}"
+        keys = nums.get(f"{p}.pairs") or []
+        if not keys:
+            continue
+        items = [fill(ANSWER_SIZE_PAIR, nums, bn=_bn(k.split(".pair.")[1]), E=k.split(".e")[-1].split(".")[0],
+                      abs=show(a), floor_abs=show(f), sd_ratio=r)
+                 for k, a, f, r in zip(keys, nums[f"{p}.abs_mean_by_pair"], nums[f"{p}.floor_abs_mean_by_pair"],
+                                       nums[f"{p}.sd_ratio_by_pair"])]
+        parts.append(fill(ANSWER_SIZE_TASK, nums, task=t, metric=nums[f"{p}.metric"], items=", ".join(items)))
+        values, floors = nums[f"{p}.disagreement_by_pair"], nums[f"{p}.floor_disagreement_by_pair"]
+        if any(isinstance(v, float) and math.isfinite(v) for v in values):
+            dis.append(fill(ANSWER_SIZE_DIS_TASK, nums, task=t, what=DISAGREE_WHAT_BY_E[bool(nums[f"{p}.regression"])],
+                            values=" and ".join(show(v) for v in values), floor_values=" and ".join(show(v) for v in floors)))
+    if not parts:
+        return ANSWER_SIZE_NONE
+    return fill(ANSWER_SIZE_BY_E, nums, parts="; ".join(parts)) + (fill(ANSWER_SIZE_DIS_BY_E, nums, parts="; ".join(dis))
+                                                                    if dis else "")
 
 
 def _biases_at_the_end(nums: dict[str, Any]) -> str:
@@ -689,8 +762,8 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
         # Below the pairs a comparison needs, the tests are not shown (their p-values would read as verdicts).
         rows = [[task, str(E), _arm(label), _bn(label), str(nums[k + ".spread.n"]), show(nums[k + ".spread.sd"]),
                  str(nums[k + ".spread.n_floor"]), show(nums[k + ".spread.floor_sd"])]
-                + ([_ratio_ci(nums, k + ".spread"), show(nums[k + ".spread.brown_forsythe_p"], "p"),
-                    show(nums[k + ".spread.t_p"], "p"), _vs_floor(nums, k + ".spread"),
+                + ([_ratio_ci(nums, k + ".spread"), _equal_spread(nums, k + ".spread"),
+                    show(nums[k + ".spread.t_p"], "p") if nums[k + ".spread.sd"] else "—", _vs_floor(nums, k + ".spread"),
                     show(nums[k + ".spread.vs_floor_t_p"], "p")] if nums[k + ".decided"] else ["—"] * 5)
                 + [nums[k + ".spread.reading"]]
                 for task, E, label, k in _each(nums, s, "pair")]
@@ -707,7 +780,9 @@ def _converged(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
                  show(nums[k + ".abs_mean"]), show(nums[k + ".dropout_abs_mean_same_seeds"]) if kind != "dropout" else "—",
                  _pm(nums, k + ".disagreement"), nums[k + ".verdict"], "—" if nums[k + ".verdict"].startswith("not yet") else _within(nums, k)]
                 for task, E, kind, k in _each(nums, s, "floor")]
-        L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s), ""]
+        few = sorted({nums[k + ".planned"] for _, _, _, k in _each(nums, s, "floor") if nums[k + ".planned"] < _min_n()})
+        L += [table(FLOORS_COLS, rows), "", fill(FLOORS_NOTE, nums, s=s, few=fill(
+            FLOORS_FEW, nums, n=" or ".join(map(str, few))) if few else ""), ""]
         L += _trajectories(nums, s)
         L += [CELLS_HEAD, ""]
         rows = []
