@@ -93,9 +93,31 @@ def test_a_comparison_without_pairs_names_its_optimizer_from_the_plan(bug_grid):
     sgd = rows["sgd_last_window_1_over_n"]
     assert (sgd["n"], sgd["optimizer"], sgd["verdict"]) == (0, "plain SGD", "not yet decidable (n = 0 of 3)")
     text = markdown([study], list(rows.values()), "head", {})
-    assert "| last_window_1_over_n | plain SGD | synthetic | (2,4) | 0 / 3 | — | no pairs yet |" in text
+    assert "| last_window_1_over_n | plain SGD | synthetic | (2,4) | 0 of 3 | — | no pairs yet |" in text
     assert ("- plain SGD, synthetic (2,4): sgd_last_window_1_over_n − sgd_correct: not yet decidable (n = 0 of 3)."
             in text)
+
+
+def test_a_pair_whose_reference_stayed_below_the_bar_is_set_aside_and_counted(bug_grid):
+    """The grid's reference bar says when a comparison is made at convergence: seed 1's correct loop below it takes
+    that pair out of the test, the comparison is still decided (all its planned pairs ran) on the other two."""
+    from bert_accum.study.bias_study import markdown
+
+    root, grid = bug_grid
+    study = load_study(root / "runs" / "bugs", grid)
+    failed = next(r for r in study.runs if r.arm == "correct" and r.cell_seed == 1)
+    failed.final = {**failed.final, "eval": {**failed.final["eval"], "accuracy": -1.0}}  # below the bar of 0.0
+    rows = {r["arm"]: r for r in pair_rows(study)}
+    sched = rows["scheduler_stepped_per_micro_batch"]
+    assert (sched["n"], sched["finished"], sched["set_aside"], sched["planned"]) == (2, 3, 1, 3)
+    by = {(r.arm, r.cell_seed): r.metric for r in study.runs}
+    diffs = [by[("scheduler_stepped_per_micro_batch", s)] - by[("correct", s)] for s in (2, 3)]
+    assert sched["mean_diff"] == pytest.approx(sum(diffs) / 2)
+    assert not sched["verdict"].startswith("not yet decidable")
+    text = markdown([study], list(rows.values()), "head", {})
+    assert "| 2 of 3 (1 set aside: reference below the bar) |" in text
+    assert ("1 pair set aside, in scheduler_stepped_per_micro_batch (AdamW, (2,4)): the reference run stayed below "
+            "the grid's bar") in text
 
 
 def test_a_pair_that_differs_in_another_setting_is_refused(bug_grid, tmp_path):

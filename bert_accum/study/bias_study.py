@@ -105,7 +105,7 @@ BIASES: dict[str, dict[str, str]] = {
     },
 }
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
-                "n", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
+                "n", "finished", "set_aside", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
                 "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
 LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
@@ -158,6 +158,12 @@ def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
                          "one bug mode, mean_of_means against global, or one loss through two backends, per comparison")
 
 
+def _clears_bar(run, thresholds: dict[str, dict[str, float]]) -> bool:
+    """Whether a reference run reached the grid's bar for its task and metric (no bar stated: it does)."""
+    bar = thresholds.get(run.task, {}).get(run.metric_name)
+    return bar is None or run.metric >= bar
+
+
 def _optimizer(optim: str) -> str:
     return OPTIMIZER_NAMES.get(optim, optim)
 
@@ -177,11 +183,13 @@ def _items_spread(run) -> tuple[float, float]:
     return (statistics.fmean(means), statistics.fmean(cvs)) if means else (math.nan, math.nan)
 
 
-def verdict(n: int, p_holm: float, planned: int | None = None) -> str:
+def verdict(n: int, p_holm: float, planned: int | None = None, finished: int | None = None) -> str:
     """'a bias' (Holm-adjusted p < 0.05 over all decided comparisons), 'below the detection limit', 'too few
-    pairs', or, while fewer than the `planned` pairs have finished, 'not yet decidable (n = k of m)'."""
-    if planned is not None and n < planned:
-        return f"not yet decidable (n = {n} of {planned})"
+    pairs', or, while fewer than the `planned` pairs have finished, 'not yet decidable (n = k of m)'. `n` counts the
+    pairs the test uses, `finished` (default `n`) those that have run, including pairs set aside."""
+    finished = n if finished is None else finished
+    if planned is not None and finished < planned:
+        return f"not yet decidable (n = {finished} of {planned})"
     if n < 2 or math.isnan(p_holm):
         return "too few pairs"
     return "a bias" if p_holm < 0.05 else "below the detection limit"
@@ -217,6 +225,10 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                      if (task, arm, bn, s) in by_cell and (task, ref, bn, s) in by_cell]
             for a, b in pairs:
                 check_pair(a, b, compared)
+            # The grid's reference bar, fixed before the runs, says when a comparison is one made at convergence:
+            # a pair whose reference run stayed below it (a correct loop that did not learn) is set aside, and counted.
+            finished = len(pairs)
+            pairs = [(a, b) for a, b in pairs if _clears_bar(b, study.thresholds)]
             diffs = [a.metric - b.metric for a, b in pairs]
             check = bias == "trainer_vs_loop"
             lo, hi = (float(x) for x in t_interval(diffs)) if len(diffs) > 1 else (math.nan, math.nan)
@@ -228,7 +240,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "bias": bias, "arm": arm, "reference": ref,
                 "optimizer": _optimizer(cell_plan[0].config.optim),  # from the plan: named before any pair finishes
                 "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "metric": metric,
-                "n": len(pairs), "planned": len(planned),
+                "n": len(pairs), "finished": finished, "set_aside": finished - len(pairs), "planned": len(planned),
                 "reference_mean": statistics.fmean(b.metric for _, b in pairs) if pairs else math.nan,
                 "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
@@ -255,12 +267,13 @@ def judge(rows: list[dict[str, Any]]) -> None:
     Holm-adjusted 5% over all of them. A comparison still short of its planned pairs is not judged yet and counts in
     the family as p = 1, so the family is the planned one from the start and a verdict can only strengthen as the
     others finish. A check (`trainer_vs_loop`) is no test and stays out of the family."""
-    complete = [r["n"] >= r["planned"] for r in rows]
+    complete = [r.get("finished", r["n"]) >= r["planned"] for r in rows]
     family = [r["p_value"] if done else 1.0 if r["bias"] != "trainer_vs_loop" else math.nan
               for r, done in zip(rows, complete)]
     for row, p, done in zip(rows, holm(family), complete):
         row["p_holm"] = p if done else math.nan
-        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"])
+        row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"],
+                                                                                    row.get("finished"))
 
 
 def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
@@ -323,10 +336,18 @@ def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str,
 
 def _effect(row: dict[str, Any]) -> str:
     if row["n"] == 0:
-        return "no pairs yet"
+        return "no usable pair yet" if row.get("set_aside") else "no pairs yet"
     if math.isnan(row["ci95_lo"]):
         return f"{row['mean_diff']:+.4f} (one pair)"
     return f"{row['mean_diff']:+.4f} [{row['ci95_lo']:+.4f}, {row['ci95_hi']:+.4f}]"
+
+
+def _n_of(row: dict[str, Any]) -> str:
+    """'4 of 5', with the pairs set aside because their reference stayed below the grid's bar."""
+    text = f"{row['n']} of {row['planned']}"
+    if row.get("set_aside"):
+        text += f" ({row['set_aside']} set aside: reference below the bar)"
+    return text
 
 
 def _reading(row: dict[str, Any]) -> str:
@@ -368,9 +389,17 @@ def _summary(pairs: list[dict[str, Any]]) -> str:
                      f"(largest |effect| the intervals leave possible: {', '.join(limits)})")
     if waiting:
         parts.append(f"{len(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for pairs "
-                     f"({sum(r['n'] for r in waiting)} of {sum(r['planned'] for r in waiting)} finished)")
+                     f"({sum(r.get('finished', r['n']) for r in waiting)} of {sum(r['planned'] for r in waiting)} "
+                     "finished)")
     if unjudgeable:
-        parts.append(f"{len(unjudgeable)} cannot be judged (fewer than 2 pairs planned or finished)")
+        parts.append(f"{len(unjudgeable)} cannot be judged (fewer than 2 usable pairs)")
+    aside = [r for r in tests if r.get("set_aside")]
+    if aside:
+        n = sum(r["set_aside"] for r in aside)
+        parts.append(f"{n} {'pair' if n == 1 else 'pairs'} set aside, in "
+                     + ", ".join(f"{r['bias']} ({r['optimizer']}, ({r['micro_batch_size']},{r['accumulation_steps']}))"
+                                 for r in aside)
+                     + ": the reference run stayed below the grid's bar")
     return "; ".join(parts) + "."
 
 
@@ -390,18 +419,21 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
                      f"{len(s.unfinished)} started and unfinished; {bar}.")
     lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
-              "initialisation, data order and dropout seed; mean and 95% Student-t interval). A bias is claimed when the "
+              "initialisation, data order and dropout seed; mean and 95% Student-t interval). A pair whose reference "
+              "run stayed below the grid's reference bar (fixed before the runs) is not a comparison at convergence: it "
+              "is set aside and counted, and the comparison is decided once all its planned pairs have run. "
+              "A bias is claimed when the "
               "t test of zero mean, Holm-adjusted over all the comparisons below, gives p < 0.05; otherwise the "
               "*detection limit* is stated: the largest |effect| the 95% interval leaves possible. *Parameter distance*: "
               "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs.", "",
-              "| bias | optimizer | task | (B, N) | n / planned | reference | arm − reference [95% CI] | reading | "
+              "| bias | optimizer | task | (B, N) | pairs / planned | reference | arm − reference [95% CI] | reading | "
               "clipped (arm / ref) | final LR (arm / ref) | parameter distance |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in pairs:
         reference = f"{fmt(r['reference_mean'])} {r['metric']}".strip()
         lines.append(
             f"| {r['bias']} | {r['optimizer']} | {r['task']} | ({r['micro_batch_size']},{r['accumulation_steps']}) | "
-            f"{r['n']} / {r['planned']} | {reference} | {_effect(r)} | {_reading(r)} | "
+            f"{_n_of(r)} | {reference} | {_effect(r)} | {_reading(r)} | "
             f"{fmt(r['clipped_fraction_arm'], 2)} / {fmt(r['clipped_fraction_reference'], 2)} | "
             f"{fmt(r['final_lr_arm'], 3)} / {fmt(r['final_lr_reference'], 3)} | {fmt(r['param_distance'], 3)} |")
     for key, fig in figures.items():
@@ -420,7 +452,7 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
             if r["n"] == 0:
                 lines.append(f"{where}: {r['arm']} − {r['reference']}: {_reading(r)}.")
                 continue
-            lines.append(f"{where}, n = {r['n']} of {r['planned']}: {r['arm']} − {r['reference']} = {_effect(r)} "
+            lines.append(f"{where}, pairs {_n_of(r)}: {r['arm']} − {r['reference']} = {_effect(r)} "
                          f"{r['metric']}: {_reading(r)}." + extra)
         lines += ["", f"**Fix.** {text['fix']}"]
     lines.append("")

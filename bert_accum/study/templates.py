@@ -219,6 +219,7 @@ ANSWER_BIAS_SHOWN = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_step
 ANSWER_BIASES_NONE_SHOWN = "none shown"
 ANSWER_BIASES_BELOW = "below the detection limit: {items}"
 ANSWER_BIAS_BELOW = "{bias} (no effect beyond ±{limit} {metric})"
+ANSWER_BIASES_SET_ASIDE = "{n} {pairs} set aside (the reference run stayed below the grid's bar, so not at convergence)"
 ANSWER_BIASES_WAITING = "{waiting} not yet decidable ({finished} of {planned} pairs finished)"
 ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 (early training, not a final "
                "outcome): {bugs}.")
@@ -604,6 +605,9 @@ def _biases_at_the_end(nums: dict[str, Any]) -> str:
         parts.append(fill(ANSWER_BIASES_BELOW, nums, items=", ".join(
             fill(ANSWER_BIAS_BELOW, nums, bias=b["bias"], limit=show(b["limit"], "range"), metric=b["metric"])
             for b in nums["biases.below"])))
+    if nums.get("biases.set_aside"):
+        n = nums["biases.set_aside"]
+        parts.append(fill(ANSWER_BIASES_SET_ASIDE, nums, n=n, pairs="pair" if n == 1 else "pairs"))
     if nums["biases.waiting"]:
         parts.append(fill(ANSWER_BIASES_WAITING, nums, waiting=nums["biases.waiting"],
                           finished=nums["biases.waiting_pairs_finished"], planned=nums["biases.waiting_pairs_planned"]))
