@@ -185,7 +185,7 @@ def scatter(nums: dict[str, Any], s: str, path: Path) -> Path | None:
               if nums[f"{s}.{task}.e{E}.pairs"] or nums[f"{s}.{task}.e{E}.floors"]]
     if not panels:
         return None
-    fig, axes = _grid(len(panels))
+    fig, axes = _grid(len(panels), width=5.0, height=5.4)  # room under each panel for its legend
     markers = ["o", "s", "^", "D", "v"]
     for ax, (task, E) in zip(axes, panels):
         e = f"{s}.{task}.e{E}"
@@ -226,7 +226,8 @@ def scatter(nums: dict[str, Any], s: str, path: Path) -> Path | None:
         ax.set_xlabel(f"(B={E}, N=1) reference's final {metric}")
         ax.set_ylabel(f"paired run's final {metric}")
         ax.set_title(f"{s} / {task}, E = {E}", fontsize=9)
-        ax.legend(fontsize=6)
+        # below the panel: inside it, the legend covered points near a corner
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
