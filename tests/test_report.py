@@ -655,8 +655,8 @@ def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converg
 
     def row(bias, optimizer, b, n_acc, metric, n, planned, diff, lo, hi, limit, p_holm, verdict):
         return {"bias": bias, "arm": bias, "reference": "correct", "optimizer": optimizer, "task": "sst2",
-                "micro_batch_size": b, "accumulation_steps": n_acc, "metric": metric, "n": n, "finished": n,
-                "set_aside": 0, "planned": planned,
+                "micro_batch_size": b, "accumulation_steps": n_acc, "metric": metric, "n": n,
+                "reference_below_bar": 0, "planned": planned,
                 "reference_mean": 0.8, "mean_diff": diff, "ci95_lo": lo, "ci95_hi": hi, "detection_limit": limit,
                 "max_abs_diff": abs(diff), "p_value": p_holm, "p_holm": p_holm, "verdict": verdict}
 
@@ -668,7 +668,9 @@ def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converg
             row("last_window_1_over_n", "plain SGD", 2, 16, "accuracy", 3, 5, 0.0, nan, nan, nan, nan,
                 "not yet decidable (n = 3 of 5)"),
             row("trainer_vs_loop", "AdamW", 2, 16, "masked_accuracy", 3, 3, 0.0, nan, nan, nan, nan, "a check")]
-    rows[2].update(n=4, finished=5, set_aside=1)  # its correct loop stayed below the bar in one seed
+    rows.append(row("step_mod_boundaries", "plain SGD", 2, 16, "accuracy", 5, 5, -0.2, -0.4, 0.0, 0.4, nan,
+                    "not at convergence (reference below the bar in 2 of 5)"))
+    rows[-1]["reference_below_bar"] = 2
     biases = tmp_path / "biases"
     biases.mkdir()
     write_csv(biases / "paired.csv", rows, "command: bias-study x | git_commit: abc", PAIR_COLUMNS)
@@ -680,15 +682,16 @@ def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converg
     text = out.read_text()
     line4 = next(ln for ln in text.splitlines() if ln.startswith("4. "))
     assert line4.endswith(
-        " At the end of training (the bias study: each bias against its fix, paired by seed, Holm-adjusted over 4 "
+        " At the end of training (the bias study: each bias against its fix, paired by seed, Holm-adjusted over 5 "
         "comparisons): a bias: mean_of_means (AdamW, (2,16), n = 5: -0.0120 [-0.0200, -0.0040] masked_accuracy); "
         "below the detection limit: clip_per_micro_batch (no effect beyond ±0.0060–0.0090 accuracy); "
-        "1 pair set aside (the reference run stayed below the grid's bar, so not at convergence); "
+        "1 not at convergence (their correct runs did not all reach the grid's reference bar: step_mod_boundaries "
+        "(plain SGD, (2,16)) 2 of 5); "
         "1 not yet decidable (3 of 5 pairs finished).")
     assert (text.index("## 1. The converged study") < text.index("## 2. The real biases at the end of training")
             < text.index("## 3. The Hugging Face Trainer"))
     nums = json.loads((out.parent / "numbers.json").read_text())
-    assert nums["biases.comparisons"] == 4 and nums["biases.waiting"] == 1
+    assert nums["biases.comparisons"] == 5 and nums["biases.waiting"] == 1
     assert nums["biases.below"] == [{"bias": "clip_per_micro_batch", "metric": "accuracy", "limit": [0.006, 0.009],
                                      "comparisons": 2}]
     (biases / "paired.csv").unlink()

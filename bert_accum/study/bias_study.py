@@ -105,7 +105,7 @@ BIASES: dict[str, dict[str, str]] = {
     },
 }
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
-                "n", "finished", "set_aside", "planned", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
+                "n", "planned", "reference_below_bar", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
                 "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
 LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
@@ -183,13 +183,14 @@ def _items_spread(run) -> tuple[float, float]:
     return (statistics.fmean(means), statistics.fmean(cvs)) if means else (math.nan, math.nan)
 
 
-def verdict(n: int, p_holm: float, planned: int | None = None, finished: int | None = None) -> str:
+def verdict(n: int, p_holm: float, planned: int | None = None, below_bar: int = 0) -> str:
     """'a bias' (Holm-adjusted p < 0.05 over all decided comparisons), 'below the detection limit', 'too few
-    pairs', or, while fewer than the `planned` pairs have finished, 'not yet decidable (n = k of m)'. `n` counts the
-    pairs the test uses, `finished` (default `n`) those that have run, including pairs set aside."""
-    finished = n if finished is None else finished
-    if planned is not None and finished < planned:
-        return f"not yet decidable (n = {finished} of {planned})"
+    pairs', or, while fewer than the `planned` pairs have finished, 'not yet decidable (n = k of m)'; once all have,
+    'not at convergence (...)' when `below_bar` of the reference runs stayed below the grid's reference bar."""
+    if planned is not None and n < planned:
+        return f"not yet decidable (n = {n} of {planned})"
+    if below_bar:
+        return f"not at convergence (reference below the bar in {below_bar} of {n})"
     if n < 2 or math.isnan(p_holm):
         return "too few pairs"
     return "a bias" if p_holm < 0.05 else "below the detection limit"
@@ -225,10 +226,10 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                      if (task, arm, bn, s) in by_cell and (task, ref, bn, s) in by_cell]
             for a, b in pairs:
                 check_pair(a, b, compared)
-            # The grid's reference bar, fixed before the runs, says when a comparison is one made at convergence:
-            # a pair whose reference run stayed below it (a correct loop that did not learn) is set aside, and counted.
-            finished = len(pairs)
-            pairs = [(a, b) for a, b in pairs if _clears_bar(b, study.thresholds)]
+            # The grid's reference bar, fixed before the runs, says when a comparison is one made at convergence.
+            # Every pair stays in the test: dropping those whose reference missed the bar would keep the pairs where
+            # only the arm failed and so, where runs fail at random, read chance as a bias.
+            below_bar = sum(not _clears_bar(b, study.thresholds) for _, b in pairs)
             diffs = [a.metric - b.metric for a, b in pairs]
             check = bias == "trainer_vs_loop"
             lo, hi = (float(x) for x in t_interval(diffs)) if len(diffs) > 1 else (math.nan, math.nan)
@@ -240,7 +241,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "bias": bias, "arm": arm, "reference": ref,
                 "optimizer": _optimizer(cell_plan[0].config.optim),  # from the plan: named before any pair finishes
                 "task": task, "micro_batch_size": bn[0], "accumulation_steps": bn[1], "metric": metric,
-                "n": len(pairs), "finished": finished, "set_aside": finished - len(pairs), "planned": len(planned),
+                "n": len(pairs), "planned": len(planned), "reference_below_bar": below_bar,
                 "reference_mean": statistics.fmean(b.metric for _, b in pairs) if pairs else math.nan,
                 "arm_mean": statistics.fmean(a.metric for a, _ in pairs) if pairs else math.nan,
                 "mean_diff": statistics.fmean(diffs) if diffs else math.nan, "ci95_lo": lo, "ci95_hi": hi,
@@ -267,13 +268,14 @@ def judge(rows: list[dict[str, Any]]) -> None:
     Holm-adjusted 5% over all of them. A comparison still short of its planned pairs is not judged yet and counts in
     the family as p = 1, so the family is the planned one from the start and a verdict can only strengthen as the
     others finish. A check (`trainer_vs_loop`) is no test and stays out of the family."""
-    complete = [r.get("finished", r["n"]) >= r["planned"] for r in rows]
+    # A comparison whose reference runs did not all reach the bar is no comparison at convergence: no claim, p = 1.
+    complete = [r["n"] >= r["planned"] and not r.get("reference_below_bar") for r in rows]
     family = [r["p_value"] if done else 1.0 if r["bias"] != "trainer_vs_loop" else math.nan
               for r, done in zip(rows, complete)]
     for row, p, done in zip(rows, holm(family), complete):
         row["p_holm"] = p if done else math.nan
         row["verdict"] = "a check" if row["bias"] == "trainer_vs_loop" else verdict(row["n"], p, row["planned"],
-                                                                                    row.get("finished"))
+                                                                                    row.get("reference_below_bar", 0))
 
 
 def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
@@ -336,17 +338,17 @@ def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str,
 
 def _effect(row: dict[str, Any]) -> str:
     if row["n"] == 0:
-        return "no usable pair yet" if row.get("set_aside") else "no pairs yet"
+        return "no pairs yet"
     if math.isnan(row["ci95_lo"]):
         return f"{row['mean_diff']:+.4f} (one pair)"
     return f"{row['mean_diff']:+.4f} [{row['ci95_lo']:+.4f}, {row['ci95_hi']:+.4f}]"
 
 
 def _n_of(row: dict[str, Any]) -> str:
-    """'4 of 5', with the pairs set aside because their reference stayed below the grid's bar."""
+    """'4 of 5', with how many of those pairs' reference runs stayed below the grid's bar."""
     text = f"{row['n']} of {row['planned']}"
-    if row.get("set_aside"):
-        text += f" ({row['set_aside']} set aside: reference below the bar)"
+    if row.get("reference_below_bar"):
+        text += f" (reference below the bar in {row['reference_below_bar']})"
     return text
 
 
@@ -361,7 +363,7 @@ def _reading(row: dict[str, Any]) -> str:
     if row["verdict"] == "below the detection limit":
         return (f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95% interval; "
                 f"Holm-adjusted p = {row['p_holm']:.2g})")
-    if row["verdict"].startswith("not yet decidable"):
+    if row["verdict"].startswith(("not yet decidable", "not at convergence")):
         return row["verdict"]
     return "too few pairs for an interval"
 
@@ -389,17 +391,15 @@ def _summary(pairs: list[dict[str, Any]]) -> str:
                      f"(largest |effect| the intervals leave possible: {', '.join(limits)})")
     if waiting:
         parts.append(f"{len(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for pairs "
-                     f"({sum(r.get('finished', r['n']) for r in waiting)} of {sum(r['planned'] for r in waiting)} "
-                     "finished)")
+                     f"({sum(r['n'] for r in waiting)} of {sum(r['planned'] for r in waiting)} finished)")
     if unjudgeable:
         parts.append(f"{len(unjudgeable)} cannot be judged (fewer than 2 usable pairs)")
-    aside = [r for r in tests if r.get("set_aside")]
-    if aside:
-        n = sum(r["set_aside"] for r in aside)
-        parts.append(f"{n} {'pair' if n == 1 else 'pairs'} set aside, in "
-                     + ", ".join(f"{r['bias']} ({r['optimizer']}, ({r['micro_batch_size']},{r['accumulation_steps']}))"
-                                 for r in aside)
-                     + ": the reference run stayed below the grid's bar")
+    off = [r for r in tests if r["verdict"].startswith("not at convergence")]
+    if off:
+        parts.append(f"{len(off)} {'is' if len(off) == 1 else 'are'} not at convergence, as their reference runs did not "
+                     "all reach the grid's bar: "
+                     + ", ".join(f"{r['bias']} ({r['optimizer']}, ({r['micro_batch_size']},{r['accumulation_steps']}): "
+                                 f"{r['reference_below_bar']} of {r['n']})" for r in off))
     return "; ".join(parts) + "."
 
 
@@ -419,10 +419,10 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
                      f"{len(s.unfinished)} started and unfinished; {bar}.")
     lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
-              "initialisation, data order and dropout seed; mean and 95% Student-t interval). A pair whose reference "
-              "run stayed below the grid's reference bar (fixed before the runs) is not a comparison at convergence: it "
-              "is set aside and counted, and the comparison is decided once all its planned pairs have run. "
-              "A bias is claimed when the "
+              "initialisation, data order and dropout seed; mean and 95% Student-t interval). A comparison is made at "
+              "convergence when all its reference runs reach the grid's reference bar (fixed before the runs); one "
+              "whose reference runs did not all reach it is shown with its interval but claims nothing (`not at "
+              "convergence`). A bias is claimed when the "
               "t test of zero mean, Holm-adjusted over all the comparisons below, gives p < 0.05; otherwise the "
               "*detection limit* is stated: the largest |effect| the 95% interval leaves possible. *Parameter distance*: "
               "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs.", "",

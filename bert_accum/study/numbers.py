@@ -28,7 +28,8 @@ prefixes (``<s>`` a converged study, ``<t>`` a task, ``e<E>`` an effective batch
   batchnorm.*, answer.*              the first five lines of the report
   biases.*                           the bias study at the end of training (bias-study's paired.csv), when given:
                                      present, comparisons, shown (bias, optimizer, B, N, effect and 95% interval),
-                                     below (per bias and metric: detection-limit range), waiting, pairs_finished/planned
+                                     below (per bias and metric: detection-limit range), not_at_convergence (reference runs below the
+                                     grid's bar), waiting, waiting_pairs_finished/planned
 """
 
 from __future__ import annotations
@@ -146,7 +147,6 @@ def _biases(nums: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
     tests = [r for r in rows if r["verdict"] != "a check"]
     shown = [{"bias": r["bias"], "optimizer": r["optimizer"], "micro_batch_size": r["micro_batch_size"],
               "accumulation_steps": r["accumulation_steps"], "metric": r["metric"], "n": r["n"],
-              "set_aside": r["set_aside"],
               "mean_diff": r["mean_diff"], "ci95": [r["ci95_lo"], r["ci95_hi"]], "p_holm": r["p_holm"]}
              for r in tests if r["verdict"] == "a bias"]
     below: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -156,10 +156,12 @@ def _biases(nums: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
     waiting = [r for r in tests if r["verdict"].startswith("not yet decidable")]
     _put(nums, "biases", comparisons=len(tests), shown=shown,
          below=[{"bias": b, "metric": m, "limit": span(v), "comparisons": len(v)} for (b, m), v in below.items()],
-         waiting=len(waiting), waiting_pairs_finished=sum(r["finished"] for r in waiting),
+         waiting=len(waiting), waiting_pairs_finished=sum(r["n"] for r in waiting),
          waiting_pairs_planned=sum(r["planned"] for r in waiting),
          too_few=sum(r["verdict"] == "too few pairs" for r in tests),
-         set_aside=sum(r["set_aside"] for r in tests if math.isfinite(r["set_aside"])))
+         not_at_convergence=[{"bias": r["bias"], "optimizer": r["optimizer"], "micro_batch_size": r["micro_batch_size"],
+                              "accumulation_steps": r["accumulation_steps"], "below": r["reference_below_bar"],
+                              "n": r["n"]} for r in tests if r["verdict"].startswith("not at convergence")])
 
 
 # ------------------------------------------------------------------------------------------ converged

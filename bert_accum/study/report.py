@@ -655,7 +655,7 @@ def read_section(path: Path) -> tuple[str, str, str]:
     return str(path), match.group(1), "\n".join(lines[1:]).strip("\n")
 
 
-BIAS_NUMBER_COLUMNS = ("micro_batch_size", "accumulation_steps", "n", "finished", "set_aside", "planned", "reference_mean", "mean_diff",
+BIAS_NUMBER_COLUMNS = ("micro_batch_size", "accumulation_steps", "n", "planned", "reference_below_bar", "reference_mean", "mean_diff",
                        "ci95_lo", "ci95_hi", "detection_limit", "max_abs_diff", "p_value", "p_holm")
 
 

@@ -219,7 +219,9 @@ ANSWER_BIAS_SHOWN = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_step
 ANSWER_BIASES_NONE_SHOWN = "none shown"
 ANSWER_BIASES_BELOW = "below the detection limit: {items}"
 ANSWER_BIAS_BELOW = "{bias} (no effect beyond ±{limit} {metric})"
-ANSWER_BIASES_SET_ASIDE = "{n} {pairs} set aside (the reference run stayed below the grid's bar, so not at convergence)"
+ANSWER_BIASES_OFF = ("{n} not at convergence (their correct runs did not all reach the grid's reference bar: "
+                     "{items})")
+ANSWER_BIAS_OFF = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_steps})) {below} of {n}"
 ANSWER_BIASES_WAITING = "{waiting} not yet decidable ({finished} of {planned} pairs finished)"
 ANSWER_BUGS = (" Loop bugs whose effect on the first optimizer steps excludes 0 (early training, not a final "
                "outcome): {bugs}.")
@@ -605,9 +607,9 @@ def _biases_at_the_end(nums: dict[str, Any]) -> str:
         parts.append(fill(ANSWER_BIASES_BELOW, nums, items=", ".join(
             fill(ANSWER_BIAS_BELOW, nums, bias=b["bias"], limit=show(b["limit"], "range"), metric=b["metric"])
             for b in nums["biases.below"])))
-    if nums.get("biases.set_aside"):
-        n = nums["biases.set_aside"]
-        parts.append(fill(ANSWER_BIASES_SET_ASIDE, nums, n=n, pairs="pair" if n == 1 else "pairs"))
+    off = nums.get("biases.not_at_convergence") or []
+    if off:
+        parts.append(fill(ANSWER_BIASES_OFF, nums, n=len(off), items=", ".join(fill(ANSWER_BIAS_OFF, nums, **r) for r in off)))
     if nums["biases.waiting"]:
         parts.append(fill(ANSWER_BIASES_WAITING, nums, waiting=nums["biases.waiting"],
                           finished=nums["biases.waiting_pairs_finished"], planned=nums["biases.waiting_pairs_planned"]))
