@@ -324,7 +324,8 @@ def test_converged_tost_floors_disagreement_and_failures_by_hand(converged):
     assert nums["answer.exact_arm"] == "controlled"
     # line 2: what one run pair differs by, mean |diff|, beside the dropout floor's: |ACC_DIFFS| and |FLOOR_DIFFS|
     # both sum to 0.014 over 10 seeds
-    assert nums["answer.sst2.abs_mean"] == pytest.approx([0.0014] * 2) and nums["answer.sst2.floor_abs_mean"] == pytest.approx([0.0014] * 2)
+    assert nums["answer.sst2.abs_mean_by_pair"] == pytest.approx([0.0014])
+    assert nums["answer.sst2.floor_abs_mean_by_pair"] == pytest.approx([0.0014])
     assert nums["answer.exact_tasks"] == ["sst2", "stsb"] and nums["answer.exact_metrics"] == ["accuracy", "pearson"]
     assert nums["answer.exact_decided"] and nums["answer.pending_runs"] == 0
     assert set(nums["answer.exact_switches"]) == {"--dropout invariant", "--padding window", "--loss_normalization global"}
@@ -788,7 +789,8 @@ def test_the_step_at_which_paired_runs_part_is_read_from_their_training_losses(t
     assert nums[f"{t}.max_rel"][1] == 0.0
     # the headline pair's losses are equal at every step in these folders: never apart
     assert nums["conv.sst2.e8.pair.default.B2_N4.trajectory.apart_1e4"] == [None] * 10
-    assert (nums["answer.exact_apart_step"], nums["answer.exact_apart_steps"], nums["answer.exact_apart_task"]) == (6, 8, "sst2")
+    assert (nums["answer.exact_parted"], nums["answer.exact_parted_steps"], nums["answer.exact_parted_where"]) == (
+        1, [6, 6], ["sst2 E = 8 (8 steps)"])
     from bert_accum.study.numbers import converged_tables
 
     row = next(r for r in converged_tables(nums, "conv")["trajectory"] if r["cell"] == "controlled.B2_N4" and r["seed"] == 1)

@@ -758,18 +758,10 @@ def _answer(nums: dict[str, Any]) -> None:
         mine = [k for k in pairs if nums[f"{k}.task"] == task]
         t = nums[f"{mine[0]}.task_prefix"]
         _put(nums, f"answer.{task}", metric=nums[f"{t}.metric"], margin=nums[f"{t}.margin"], regression=nums[f"{t}.regression"],
-             sd_ratio=span(nums[f"{k}.spread.sd_ratio"] for k in mine),
-             floor_sd=span(nums[f"{k}.spread.floor_sd"] for k in mine),
-             abs_diff=span(abs(nums[f"{k}.tost.mean"]) for k in mine if nums[f"{k}.n"]),
-             # what one run pair typically differs by, beside what one dropout re-seed does
-             abs_mean=span(statistics.fmean(abs(d) for d in nums[f"{k}.diffs"]) for k in mine if nums[f"{k}.diffs"]),
-             floor_abs_mean=span(nums.get(f"{nums[f'{k}.spread.floor']}.abs_mean", math.nan) for k in mine
-                                 if nums[f"{k}.spread.floor"]),
-             disagreement=span(nums[f"{k}.disagreement.mean"] for k in mine),
-             floor_disagreement=span(nums[f"{k}.disagreement.floor_mean"] for k in mine),
              bound=span(nums[f"{k}.tost.bound"] for k in mine if nums[f"{k}.decided"]),
              floor_bound=span(nums[f"{f}.tost.bound"] for f in _decided_floors(nums, mine)))
-        # The same per comparison (one per effective batch), so line 2 sets each beside its own floor.
+        # Per comparison (one per effective batch), so line 2 sets each beside its own floor: what one run pair
+        # typically differs by (mean |difference|), beside what one dropout re-seed does.
         with_pairs = [k for k in mine if nums[f"{k}.diffs"]]
         abs_means = [statistics.fmean(abs(d) for d in nums[f"{k}.diffs"]) for k in with_pairs]
         floor_abs = [nums.get(f"{nums[f'{k}.spread.floor']}.abs_mean", math.nan) if nums[f"{k}.spread.floor"]
@@ -823,10 +815,6 @@ def _answer(nums: dict[str, Any]) -> None:
         k = max((k for k in mine if nums[f"{k}.task"] == task), key=lambda k: max(map(abs, nums[f"{k}.diffs"]), default=0.0))
         fsd = nums.get(f"{k}.spread.floor_sd", math.nan)
         floor_ratio[task] = d / fsd if isinstance(fsd, float) and math.isfinite(fsd) and fsd > 0 else math.nan
-    # The earliest step at which one of its pairs' training losses part by 1%, and the length of that run.
-    apart = [(step, total, nums[f"{k}.task"]) for k in mine for step, total in
-             zip(nums[f"{k}.trajectory.apart_1e2"], nums[f"{k}.trajectory.steps"]) if step is not None]
-    first_apart = min(apart, default=None)
     # Every seed-level pair of the arm: did its training losses part (1e-2), where, and how far did the others get?
     seed_pairs = [(k, i) for k in mine for i in range(len(nums[f"{k}.seeds"])) if nums[f"{k}.trajectory.steps"][i]]
     parted = [(k, i) for k, i in seed_pairs if nums[f"{k}.trajectory.apart_1e2"][i] is not None]
@@ -842,9 +830,7 @@ def _answer(nums: dict[str, Any]) -> None:
          exact_n=len(exact[best]) if best else 0, exact_switches=nums.get(f"switches.{best}", []),
          exact_tasks=list(by_task), exact_by_task=list(by_task.values()),
          exact_metrics=[metric_of[t] for t in by_task], exact_floor_ratio=[floor_ratio[t] for t in by_task],
-         exact_apart_step=first_apart[0] if first_apart else None,
-         exact_apart_steps=first_apart[1] if first_apart else None,
-         exact_apart_task=first_apart[2] if first_apart else None, exact_first_gap=first_gap,
+         exact_first_gap=first_gap,
          exact_roundoff=bool(math.isfinite(first_gap) and first_gap < ROUNDOFF_FIRST_STEP),
          exact_planned=sum(nums[f"{k}.required"] for k in mine),
          exact_not_equivalent=[k for k in mine if nums[f"{k}.decided"] and nums[f"{k}.verdict"] != "equivalent"],

@@ -183,19 +183,7 @@ ANSWER_SIZE_TASK = "{task} {metric}: {items}"
 ANSWER_SIZE_PAIR = "{bn} at E = {E} {abs} against {floor_abs} (sd {sd_ratio:2}×)"
 ANSWER_SIZE_DIS_BY_E = " On the dev set, {parts}."
 ANSWER_SIZE_DIS_TASK = "{task}'s paired runs {what} {values} against {floor_values} for two dropout seeds of (E, 1)"
-DISAGREE_WHAT_BY_E = {False: "label this fraction of examples differently:", True: "differ by an RMS of"}
-ANSWER_SIZE_ABS = ("{task}: a run pair differs by {abs_mean:range} {metric} on average (mean |(B, N) − (E, 1)| over "
-                   "seeds) against {floor_abs_mean:range} for a dropout re-seed, |mean paired difference| "
-                   "{abs_diff:range}")
-ANSWER_SIZE_ABS_NO_FLOOR = ("{task}: a run pair differs by {abs_mean:range} {metric} on average (mean |(B, N) − (E, 1)| "
-                            "over seeds), |mean paired difference| {abs_diff:range}")
-ANSWER_SIZE_SD = "standard deviation {sd_ratio:range2}× the dropout-only floor's (floor sd {floor_sd:range})"
-ANSWER_SIZE_DIS = "(B, N) and (E, 1) {disagree_what} {disagreement:range}"
-ANSWER_SIZE_DIS_FLOOR = "against {floor_disagreement:range} for two dropout seeds of (E, 1)"
-ANSWER_SIZE_NO_FLOOR = "no dropout-only floor pair finished yet"
-DISAGREE_WHAT = {False: "label this fraction of dev examples differently:",
-                 True: "differ in their dev predictions by an RMS of"}
-ANSWER_SIZE = "2. **How large, against the dropout-only floor?** {parts}."
+DISAGREE_WHAT = {False: "label this fraction of examples differently:", True: "differ by an RMS of"}
 ANSWER_SIZE_NONE = "2. **How large, against the dropout-only floor?** Not measured yet: no headline pair has finished."
 ANSWER_EQUIV_NONE = "3. **Equivalence**: no headline comparison in this report."
 ANSWER_EQUIV = ("3. **Equivalence** (TOST, 90% interval inside ±margin): of {answer.n_headline} headline comparisons, "
@@ -586,7 +574,7 @@ def _size_line(nums: dict[str, Any]) -> str:
         parts.append(fill(ANSWER_SIZE_TASK, nums, task=t, metric=nums[f"{p}.metric"], items=", ".join(items)))
         values, floors = nums[f"{p}.disagreement_by_pair"], nums[f"{p}.floor_disagreement_by_pair"]
         if any(isinstance(v, float) and math.isfinite(v) for v in values):
-            dis.append(fill(ANSWER_SIZE_DIS_TASK, nums, task=t, what=DISAGREE_WHAT_BY_E[bool(nums[f"{p}.regression"])],
+            dis.append(fill(ANSWER_SIZE_DIS_TASK, nums, task=t, what=DISAGREE_WHAT[bool(nums[f"{p}.regression"])],
                             values=" and ".join(show(v) for v in values), floor_values=" and ".join(show(v) for v in floors)))
     if not parts:
         return ANSWER_SIZE_NONE
@@ -621,22 +609,6 @@ def _pair_ci(ci: list[float]) -> str:
     if isinstance(lo, float) and math.isnan(lo):
         return "(one pair)"
     return f"[{fmt(float(lo), 4)}, {fmt(float(hi), 4)}]"
-
-
-def _size(nums: dict[str, Any], task: str) -> str:
-    """Line 2 for one task: the parts whose numbers exist yet."""
-    p = f"answer.{task}"
-    parts = [fill(ANSWER_SIZE_ABS if nums[f"{p}.floor_abs_mean"] is not None else ANSWER_SIZE_ABS_NO_FLOOR, nums, p,
-                  task=task)]
-    if nums[f"{p}.sd_ratio"] is not None:
-        parts.append(fill(ANSWER_SIZE_SD, nums, p))
-    if nums[f"{p}.disagreement"] is not None:
-        parts.append(fill(ANSWER_SIZE_DIS, nums, p, disagree_what=DISAGREE_WHAT[bool(nums[f"{p}.regression"])]))
-        if nums[f"{p}.floor_disagreement"] is not None:
-            parts[-1] += " " + fill(ANSWER_SIZE_DIS_FLOOR, nums, p)
-    if nums[f"{p}.floor_sd"] is None and nums[f"{p}.floor_disagreement"] is None:
-        parts.append(ANSWER_SIZE_NO_FLOOR)
-    return ", ".join(parts)
 
 
 def _exact_start(nums: dict[str, Any]) -> str:
