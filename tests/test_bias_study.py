@@ -25,6 +25,7 @@ def bug_grid(tmp_path_factory, tiny_model_dir, synthetic_glue_dir):
                                               "bug_modes": ["last_window_1_over_n"]}},
         "comparisons": {"scheduler_stepped_per_micro_batch": "correct", "sgd_last_window_1_over_n": "sgd_correct"},
         "reference_thresholds": {"synthetic": {"accuracy": 0.0}},
+        "changes": ["2026-12-02, after seed 1: the SGD arms'\n learning rate went from 0.1 to 0.05."],
         "shared": {"glue_dir": synthetic_glue_dir, "model_name_or_path": tiny_model_dir, "max_length": 32,
                    "max_train_samples": 20, "num_train_epochs": 1, "warmup_ratio": 0.2, "learning_rate": 1e-3,
                    "eval_steps": 0.5, "per_device_eval_batch_size": 32,
@@ -67,6 +68,9 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     assert text.startswith("<!-- command: bias-study test")
     assert "### `lr_scheduler.step()` on every micro-batch" in text and "**Fix.**" in text
     assert "11 of 12 planned runs finished" in text
+    # the grid's record of design changes travels with its runs, folded onto one line
+    assert ("  - Design change after runs had started (recorded in the grid file under `changes`): 2026-12-02, "
+            "after seed 1: the SGD arms' learning rate went from 0.1 to 0.05.") in text
     # the answer first; the comparison short of its planned pairs gets no verdict and stays out of the Holm family
     rows = {r["arm"]: r for r in rows}
     assert rows["sgd_last_window_1_over_n"]["verdict"] == "not yet decidable (n = 2 of 3)"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,8 @@ class BiasStudy:
     comparisons: dict[str, str]
     thresholds: dict[str, dict[str, float]]
     unfinished: list[str]
+    changes: list[str] = field(default_factory=list)
+    """The grid file's record of design changes made after runs had started (printed under the grid's line)."""
 
 
 def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
@@ -137,7 +139,7 @@ def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
     study = load_converged(Path(runs_dir), grid_file)
     return BiasStudy(name=study.name, grid_file=str(grid_file), runs=study.runs, planned=study.planned,
                      arms=spec.arms, comparisons=spec.comparisons, thresholds=spec.reference_thresholds,
-                     unfinished=study.unfinished)
+                     unfinished=study.unfinished, changes=spec.changes)
 
 
 def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
@@ -418,6 +420,8 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
                else "no reference bar stated in the grid file")
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
                      f"{len(s.unfinished)} started and unfinished; {bar}.")
+        lines += [f"  - Design change after runs had started (recorded in the grid file under `changes`): "
+                  f"{' '.join(c.split())}" for c in s.changes]
     lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
               "initialisation, data order and dropout seed; mean and 95% Student-t interval). A comparison is made at "
               "convergence when all its reference runs reach the grid's reference bar (fixed before the runs); one "
