@@ -64,6 +64,10 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     with files["pairs"].open() as fh:
         rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
     assert {r["bias"] for r in rows} == {"scheduler_stepped_per_micro_batch", "last_window_1_over_n"}
+    with files["lr"].open() as fh:
+        lr = list(csv.DictReader(line for line in fh if not line.startswith("#")))
+    # each LR row names its grid, so two grids at the same (B, N) are never drawn in one panel
+    assert {(r["study"], r["arm"]) for r in lr} >= {("bugs", "correct"), ("bugs", "scheduler_stepped_per_micro_batch")}
     text = files["markdown"].read_text()
     assert text.startswith("<!-- command: bias-study test")
     assert "### `lr_scheduler.step()` on every micro-batch" in text and "**Fix.**" in text

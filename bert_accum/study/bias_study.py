@@ -108,7 +108,7 @@ PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_si
                 "n", "planned", "reference_below_bar", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
                 "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
-LR_COLUMNS = ("arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
+LR_COLUMNS = ("study", "arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
 CURVE_COLUMNS = ("study", "arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
 
 
@@ -285,7 +285,7 @@ def lr_rows(study: BiasStudy) -> list[dict[str, Any]]:
     first: dict[tuple, Any] = {}
     for r in sorted(study.runs, key=lambda r: r.cell_seed):
         first.setdefault((r.arm, r.bn), r)
-    return [{"arm": arm, "optimizer": _optimizer(r.config.get("optim", "adamw_torch")), "micro_batch_size": bn[0], "accumulation_steps": bn[1],
+    return [{"study": study.name, "arm": arm, "optimizer": _optimizer(r.config.get("optim", "adamw_torch")), "micro_batch_size": bn[0], "accumulation_steps": bn[1],
              "seed": r.cell_seed, "optimizer_step": s["optimizer_step"], "learning_rate": s["learning_rate"]}
             for (arm, bn), r in sorted(first.items()) for s in r.steps]
 
@@ -305,30 +305,34 @@ def curve_rows(study: BiasStudy) -> list[dict[str, Any]]:
             for (arm, task, bn), by_step in sorted(groups.items()) for step, vals in sorted(by_step.items())]
 
 
-def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title, references: set[str]) -> Path:
-    """One panel per value of `panel_keys`, one line per arm (full arm names in the legend; reference arms solid)."""
+def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title,
+                     references: set[tuple[str, str]]) -> Path:
+    """One panel per study and value of `panel_keys`, one line per arm (full arm names in a legend under the panel,
+    where it hides no line; reference arms, given as (study, arm), solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Each grid gets its own panels: two grids at the same (B, N) run different schedules and lengths.
+    panel_keys = ("study", *panel_keys)
     panels = sorted({tuple(r[k] for k in panel_keys) for r in rows})
     arms = sorted({r["arm"] for r in rows})
     colours = dict(zip(arms, plt.cm.tab10.colors * 3))
     cols = min(len(panels), 3) or 1
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols) or 1, cols, figsize=(5.4 * cols, 3.8 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
+    rows_of_panels = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.4 * cols, 5.2 * rows_of_panels), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for arm in arms:
             mine = [r for r in rows if r["arm"] == arm and tuple(r[k] for k in panel_keys) == panel]
             if mine:
                 ax.plot([r[x] for r in mine], [r[y] for r in mine], color=colours[arm], lw=1.3,
-                        ls="-" if arm in references else "--", label=arm)
-        ax.set_title(title(panel), fontsize=9)
+                        ls="-" if (panel[0], arm) in references else "--", label=arm)
+        ax.set_title(f"{panel[0]}: {title(panel[1:])}", fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.text(0.01, 0.003, head, fontsize=6, color="gray")
@@ -469,12 +473,9 @@ def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str 
     head = provenance(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = [row for s in studies for row in pair_rows(s)]
-    def label(s: BiasStudy, arm: str) -> str:
-        return f"{s.name}/{arm}" if len(studies) > 1 else arm
-
-    lrs = [{**row, "arm": label(s, row["arm"])} for s in studies for row in lr_rows(s)]
-    references = {label(s, ref) for s in studies for ref in s.comparisons.values()}
-    curves = [{**row, "arm": label(s, row["arm"])} for s in studies for row in curve_rows(s)]
+    lrs = [row for s in studies for row in lr_rows(s)]
+    references = {(s.name, ref) for s in studies for ref in s.comparisons.values()}
+    curves = [row for s in studies for row in curve_rows(s)]
     files = {"pairs": output_dir / "paired.csv", "lr": output_dir / "lr.csv", "curves": output_dir / "curves.csv",
              "markdown": output_dir / "biases.md"}
     write_csv(files["pairs"], pairs, head, PAIR_COLUMNS)
