@@ -207,3 +207,13 @@ def test_the_masked_lm_comparison_through_the_trainer_and_its_check_against_the_
     text = run_study([(tmp_path / "runs", grid)], tmp_path / "out", command="t")["markdown"].read_text()
     assert "### The same loss through the Hugging Face Trainer (a check, not a bias)" in text
     assert "trainer_global − global = " in text and "a check: largest |difference|" in text
+
+
+def test_a_comparison_with_every_difference_zero_reads_as_the_same_metric_not_a_zero_interval():
+    from bert_accum.study.bias_study import _reading
+
+    row = {"verdict": "below the detection limit", "max_abs_diff": 0.0, "metric": "accuracy", "n": 5,
+           "detection_limit": 0.0, "p_holm": 1.0}
+    assert _reading(row) == "below the detection limit: the same final accuracy in all 5 pairs"
+    row.update(max_abs_diff=0.002, detection_limit=0.0068)
+    assert _reading(row) == "below the detection limit: no effect beyond ±0.0068 (95% interval; Holm-adjusted p = 1)"

@@ -367,6 +367,9 @@ def _reading(row: dict[str, Any]) -> str:
     if row["verdict"] == "a bias":
         return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":
+        if row["max_abs_diff"] == 0:
+            # A degenerate interval (every difference 0) would print as "±0.0000": say what happened instead.
+            return f"below the detection limit: the same final {row['metric']} in all {row['n']} pairs"
         return (f"below the detection limit: no effect beyond ±{row['detection_limit']:.4f} (95% interval; "
                 f"Holm-adjusted p = {row['p_holm']:.2g})")
     if row["verdict"].startswith(("not yet decidable", "not at convergence")):
