@@ -217,3 +217,22 @@ def test_a_comparison_with_every_difference_zero_reads_as_the_same_metric_not_a_
     assert _reading(row) == "below the detection limit: the same final accuracy in all 5 pairs"
     row.update(max_abs_diff=0.002, detection_limit=0.0068)
     assert _reading(row) == "below the detection limit: no effect beyond ±0.0068 (95% interval; Holm-adjusted p = 1)"
+
+
+def test_the_masked_lm_section_says_when_clipping_acted_on_every_step_of_both_arms():
+    """Clipping on every step gives both normalisations the same gradient norm: the section says the comparison is
+    then one of token weighting; where clipping acted on fewer steps it says nothing of the kind."""
+    from bert_accum.study.bias_study import PAIR_COLUMNS, markdown
+
+    row = {c: math.nan for c in PAIR_COLUMNS}
+    row.update(bias="mean_of_means", arm="mean_of_means", reference="global", optimizer="AdamW", task="sst2",
+               micro_batch_size=2, accumulation_steps=16, metric="masked_accuracy", n=5, planned=5,
+               reference_below_bar=0, reference_mean=0.24, mean_diff=-0.01, ci95_lo=-0.02, ci95_hi=0.0,
+               detection_limit=0.02, max_abs_diff=0.015, p_holm=0.2, verdict="below the detection limit",
+               clipped_fraction_arm=1.0, clipped_fraction_reference=0.995, items_per_micro_batch=4.0,
+               items_cv_within_window=0.54)
+    text = markdown([], [row], "command: t | git_commit: abc", {})
+    assert ("Clipping acted on 100% / 100% of optimizer steps (arm / reference), so every step had the same gradient "
+            "norm in both: the comparison is of how the window weights its tokens") in text
+    row.update(clipped_fraction_reference=0.5)
+    assert "Clipping acted on" not in markdown([], [row], "command: t | git_commit: abc", {})

@@ -694,10 +694,50 @@ def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converg
     nums = json.loads((out.parent / "numbers.json").read_text())
     assert nums["biases.comparisons"] == 5 and nums["biases.waiting"] == 1
     assert nums["biases.below"] == [{"bias": "clip_per_micro_batch", "metric": "accuracy", "limit": [0.006, 0.009],
-                                     "comparisons": 2}]
+                                     "comparisons": 2, "identical": 0}]
     (biases / "paired.csv").unlink()
     with pytest.raises(BertAccumError, match="paired.csv"):
         _build(root, grid, tmp_path / "out2", biases=str(biases))
+
+
+def test_comparisons_whose_pairs_all_ended_identical_are_counted_apart_from_detection_limits(converged, tmp_path):
+    """A comparison where every pair ended on the same final metric has no interval (its limit is 0): line 4 says
+    so in words and keeps it out of the ± range, instead of printing "±0.0000–0.0086"."""
+    import json
+
+    from bert_accum.study.bias_study import PAIR_COLUMNS
+    from bert_accum.study.plumbing import write_csv
+
+    root, grid, _ = converged
+
+    def row(bias, optimizer, b, n_acc, diff, limit, max_abs):
+        return {"bias": bias, "arm": bias, "reference": "correct", "optimizer": optimizer, "task": "sst2",
+                "micro_batch_size": b, "accumulation_steps": n_acc, "metric": "accuracy", "n": 5,
+                "reference_below_bar": 0, "planned": 5, "reference_mean": 0.8, "mean_diff": diff,
+                "ci95_lo": diff - limit, "ci95_hi": diff + limit, "detection_limit": limit, "max_abs_diff": max_abs,
+                "p_value": 1.0, "p_holm": 1.0, "verdict": "below the detection limit"}
+
+    rows = [row("last_window_1_over_n", "AdamW", 2, 16, 0.0, 0.0, 0.0),
+            row("last_window_1_over_n", "AdamW", 8, 4, 0.0, 0.0, 0.0),
+            row("last_window_1_over_n", "plain SGD", 2, 16, -0.003, 0.0086, 0.0103),
+            row("schedule_sized_in_micro_batches", "AdamW", 2, 16, 0.0, 0.0, 0.0)]
+    biases = tmp_path / "biases"
+    biases.mkdir()
+    write_csv(biases / "paired.csv", rows, "command: bias-study x | git_commit: abc", PAIR_COLUMNS)
+    (biases / "biases.md").write_text("<!-- command: bias-study x | git_commit: abc -->\n## Biases\n\nTable.\n")
+    out = _build(root, grid, tmp_path / "out", biases=str(biases))
+    line4 = next(ln for ln in out.read_text().splitlines() if ln.startswith("4. "))
+    assert line4.endswith(
+        "comparisons): none shown; below the detection limit: last_window_1_over_n (no effect beyond ±0.0086 "
+        "accuracy; the same final accuracy in every pair of 2 of its 3 comparisons), schedule_sized_in_micro_batches "
+        "(the same final accuracy in every pair of its one comparison).")
+    assert "0.0000" not in line4
+    nums = json.loads((out.parent / "numbers.json").read_text())
+    assert nums["biases.below"] == [
+        {"bias": "last_window_1_over_n", "metric": "accuracy", "limit": [0.0086, 0.0086], "comparisons": 3,
+         "identical": 2},
+        {"bias": "schedule_sized_in_micro_batches", "metric": "accuracy", "limit": None, "comparisons": 1,
+         "identical": 1}]
 
 
 def test_rebase_links_moves_relative_targets_only():

@@ -170,6 +170,10 @@ def _optimizer(optim: str) -> str:
     return OPTIMIZER_NAMES.get(optim, optim)
 
 
+# Clipped on at least this fraction of steps in both arms: the gradient norm was the clipping threshold throughout.
+ALWAYS_CLIPPED = 0.99
+
+
 def _clipped_fraction(run) -> float:
     return statistics.fmean(bool(s.get("clipped")) for s in run.steps) if run.steps else math.nan
 
@@ -436,7 +440,9 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
               "convergence`). A bias is claimed when the "
               "t test of zero mean, Holm-adjusted over all the comparisons below, gives p < 0.05; otherwise the "
               "*detection limit* is stated: the largest |effect| the 95% interval leaves possible. *Parameter distance*: "
-              "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs.", "",
+              "||θ_arm − θ_ref|| / ||θ_ref − θ_0|| at the end (parameter fingerprints), mean over pairs; — where the grid "
+              "file asks for no fingerprints (`fingerprint_steps`). *Clipped*: fraction of optimizer steps where "
+              "gradient clipping acted.", "",
               "| bias | optimizer | task | (B, N) | pairs / planned | reference | arm − reference [95% CI] | reading | "
               "clipped (arm / ref) | final LR (arm / ref) | parameter distance |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -459,6 +465,13 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
             if bias == "mean_of_means" and not math.isnan(r["items_cv_within_window"]):
                 extra = (f" Masked tokens per micro-batch: {r['items_per_micro_batch']:.1f} on average, spread within a "
                          f"window (coefficient of variation) {r['items_cv_within_window']:.3f}.")
+                if min(r["clipped_fraction_arm"], r["clipped_fraction_reference"]) >= ALWAYS_CLIPPED:
+                    # Clipping on every step rescales each window's gradient to the same norm, which removes any
+                    # difference in gradient size between the two normalisations: what is left is token weighting.
+                    extra += (f" Clipping acted on {r['clipped_fraction_arm']:.0%} / "
+                              f"{r['clipped_fraction_reference']:.0%} of optimizer steps (arm / reference), so every "
+                              "step had the same gradient norm in both: the comparison is of how the window weights "
+                              "its tokens (the gradient's direction), not of the step's size.")
             where = f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']})"
             if r["n"] == 0:
                 lines.append(f"{where}: {r['arm']} − {r['reference']}: {_reading(r)}.")

@@ -149,13 +149,24 @@ def _biases(nums: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
               "accumulation_steps": r["accumulation_steps"], "metric": r["metric"], "n": r["n"],
               "mean_diff": r["mean_diff"], "ci95": [r["ci95_lo"], r["ci95_hi"]], "p_holm": r["p_holm"]}
              for r in tests if r["verdict"] == "a bias"]
+    # A comparison whose pairs all ended on the same final metric has no interval to quote (its limit is 0): it is
+    # counted apart, so a range like ±0.0000–0.0086 never mixes "identical" with "not detectable".
     below: dict[tuple[str, str], list[float]] = defaultdict(list)
+    identical: dict[tuple[str, str], int] = defaultdict(int)
     for r in tests:
         if r["verdict"] == "below the detection limit":
-            below[(r["bias"], r["metric"])].append(r["detection_limit"])
+            key = (r["bias"], r["metric"])
+            if r["max_abs_diff"] == 0:
+                identical[key] += 1
+            else:
+                below[key].append(r["detection_limit"])
+    below_keys = list(dict.fromkeys(
+        (r["bias"], r["metric"]) for r in tests if r["verdict"] == "below the detection limit"))
     waiting = [r for r in tests if r["verdict"].startswith("not yet decidable")]
     _put(nums, "biases", comparisons=len(tests), shown=shown,
-         below=[{"bias": b, "metric": m, "limit": span(v), "comparisons": len(v)} for (b, m), v in below.items()],
+         below=[{"bias": b, "metric": m, "limit": span(below[(b, m)]),
+                 "comparisons": len(below[(b, m)]) + identical[(b, m)], "identical": identical[(b, m)]}
+                for b, m in below_keys],
          waiting=len(waiting), waiting_pairs_finished=sum(r["n"] for r in waiting),
          waiting_pairs_planned=sum(r["planned"] for r in waiting),
          too_few=sum(r["verdict"] == "too few pairs" for r in tests),

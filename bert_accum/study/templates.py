@@ -206,7 +206,9 @@ ANSWER_BIASES_SHOWN = "a bias: {items}"
 ANSWER_BIAS_SHOWN = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_steps}), n = {n}: {effect} {metric})"
 ANSWER_BIASES_NONE_SHOWN = "none shown"
 ANSWER_BIASES_BELOW = "below the detection limit: {items}"
-ANSWER_BIAS_BELOW = "{bias} (no effect beyond ±{limit} {metric})"
+ANSWER_BIAS_BELOW = "{bias} (no effect beyond ±{limit} {metric}{identical})"
+ANSWER_BIAS_IDENTICAL = "{bias} (the same final {metric} in every pair of {which})"
+ANSWER_BIAS_ALSO_IDENTICAL = "; the same final {metric} in every pair of {which}"
 ANSWER_BIASES_OFF = ("{n} not at convergence (their correct runs did not all reach the grid's reference bar: "
                      "{items})")
 ANSWER_BIAS_OFF = "{bias} ({optimizer}, ({micro_batch_size},{accumulation_steps})) {below} of {n}"
@@ -582,6 +584,18 @@ def _size_line(nums: dict[str, Any]) -> str:
                                                                     if dis else "")
 
 
+def _bias_below(nums: dict[str, Any], b: dict[str, Any]) -> str:
+    """One bias below its detection limit: the largest effect its intervals leave room for, with the comparisons
+    whose pairs all ended identical counted apart (they have no interval, and a limit of 0 would read as one)."""
+    same = b.get("identical", 0)
+    which = (("its one comparison" if same == 1 else f"its {same} comparisons") if same == b["comparisons"]
+             else f"{same} of its {b['comparisons']} comparisons")
+    if b["limit"] is None:
+        return fill(ANSWER_BIAS_IDENTICAL, nums, bias=b["bias"], metric=b["metric"], which=which)
+    return fill(ANSWER_BIAS_BELOW, nums, bias=b["bias"], limit=show(b["limit"], "range"), metric=b["metric"],
+                identical=fill(ANSWER_BIAS_ALSO_IDENTICAL, nums, metric=b["metric"], which=which) if same else "")
+
+
 def _biases_at_the_end(nums: dict[str, Any]) -> str:
     """Line 4's last sentence: the bias study's verdicts at the end of training."""
     shown = [fill(ANSWER_BIAS_SHOWN, nums, **{k: v for k, v in r.items() if k != "ci95"},
@@ -592,9 +606,7 @@ def _biases_at_the_end(nums: dict[str, Any]) -> str:
     elif nums["biases.below"]:  # "none shown" only once some comparison has been decided
         parts.append(ANSWER_BIASES_NONE_SHOWN)
     if nums["biases.below"]:
-        parts.append(fill(ANSWER_BIASES_BELOW, nums, items=", ".join(
-            fill(ANSWER_BIAS_BELOW, nums, bias=b["bias"], limit=show(b["limit"], "range"), metric=b["metric"])
-            for b in nums["biases.below"])))
+        parts.append(fill(ANSWER_BIASES_BELOW, nums, items=", ".join(_bias_below(nums, b) for b in nums["biases.below"])))
     off = nums.get("biases.not_at_convergence") or []
     if off:
         parts.append(fill(ANSWER_BIASES_OFF, nums, n=len(off), items=", ".join(fill(ANSWER_BIAS_OFF, nums, **r) for r in off)))
