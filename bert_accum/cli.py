@@ -510,6 +510,8 @@ def bias_study_main(argv: list[str] | None = None, prog: str | None = None) -> i
     p.add_argument("--study", nargs=2, action="append", required=True, metavar=("RUNS_DIR", "GRID"),
                    help="a grid's runs folder and its grid file (repeat for several grids)")
     p.add_argument("--output_dir", default="results/biases", help="where the tables, figures and biases.md go")
+    p.add_argument("--glue_dir", default=None,
+                   help="GLUE folder for the masked-LM trivial baseline when a run's own data source is not here")
     a = p.parse_args(argv)
 
     def go() -> None:
@@ -517,7 +519,8 @@ def bias_study_main(argv: list[str] | None = None, prog: str | None = None) -> i
 
         from .study.bias_study import run_study
 
-        for path in run_study([(Path(d), Path(g)) for d, g in a.study], Path(a.output_dir)).values():
+        for path in run_study([(Path(d), Path(g)) for d, g in a.study], Path(a.output_dir),
+                              glue_dir=a.glue_dir).values():
             print(path)
 
     return guarded(go)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -207,6 +208,8 @@ def test_the_masked_lm_comparison_through_the_trainer_and_its_check_against_the_
     text = run_study([(tmp_path / "runs", grid)], tmp_path / "out", command="t")["markdown"].read_text()
     assert "### The same loss through the Hugging Face Trainer (a check, not a bias)" in text
     assert "trainer_global − global = " in text and "a check: largest |difference|" in text
+    # the grid's line states the trivial baseline of masked accuracy, from the dev masks of both seeds
+    assert "synthetic trivial baseline " in text and "with the dev masks of 2 seeds" in text
 
 
 def test_a_comparison_with_every_difference_zero_reads_as_the_same_metric_not_a_zero_interval():
@@ -236,3 +239,45 @@ def test_the_masked_lm_section_says_when_clipping_acted_on_every_step_of_both_ar
             "norm in both: the comparison is of how the window weights its tokens") in text
     row.update(clipped_fraction_reference=0.5)
     assert "Clipping acted on" not in markdown([], [row], "command: t | git_commit: abc", {})
+
+
+def test_the_masked_lm_trivial_baseline_is_the_score_of_a_model_that_always_predicts_the_most_frequent_token(
+        tmp_path, synthetic_glue_dir):
+    """mlm_eval_targets are the tokens the evaluation scores: a masked-LM head that predicts one token everywhere
+    (transform zeroed, so every logit is the decoder bias) evaluates to exactly that token's share of them."""
+    import shutil
+    from collections import Counter
+
+    import torch
+    from transformers import BertForMaskedLM
+
+    from bert_accum.core.config import TrainConfig
+    from bert_accum.core.setup import load_model, load_splits
+    from bert_accum.core.train import mlm_eval_targets
+    from bert_accum.study.stats import majority_rate
+    from conftest import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "bert", dropout=0.0)
+    cfg = TrainConfig(task_name="synthetic", glue_dir=synthetic_glue_dir, model_name_or_path=folder, objective="mlm",
+                      max_length=32, seed=3, max_train_steps=1, learning_rate=1e-12,
+                      per_device_train_batch_size=4, per_device_eval_batch_size=5, output_dir=str(tmp_path / "run"))
+    spec, tokenizer, _, _ = load_model(cfg)
+    dev = load_splits(cfg, spec, tokenizer)[spec.eval_splits[0]]
+    targets = mlm_eval_targets(cfg, tokenizer, dev)
+    assert targets != mlm_eval_targets(TrainConfig(**{**cfg.to_dict(), "seed": 4}), tokenizer, dev)  # the seed's masks
+    top = Counter(targets).most_common(1)[0][0]
+
+    model = BertForMaskedLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.cls.predictions.transform.LayerNorm.weight.zero_()
+        model.cls.predictions.transform.LayerNorm.bias.zero_()
+        model.cls.predictions.bias.fill_(-100.0)
+        model.cls.predictions.bias[top] = 100.0
+    constant = tmp_path / "constant"
+    model.save_pretrained(constant)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (Path(folder) / name).is_file():
+            shutil.copy(Path(folder) / name, constant / name)
+    final = run(TrainConfig(**{**cfg.to_dict(), "model_name_or_path": str(constant)}))
+    assert final["eval"]["masked_accuracy"] == pytest.approx(targets.count(top) / len(targets), abs=1e-12)
+    assert majority_rate(targets) == targets.count(top) / len(targets) > 0

@@ -349,6 +349,9 @@ def _train_window(window, epoch, model, optimizer, scheduler, accelerator, colla
     }
 
 
+_EVAL_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "label", "idx")
+
+
 def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any]:
     """Prepared evaluation loaders; accelerate shards them and `gather_for_metrics` drops duplicates.
 
@@ -359,18 +362,16 @@ def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    from .features import Collator, InMemorySplit
+    from .features import InMemorySplit
 
     loaders = {}
-    cols = [c for c in ("input_ids", "token_type_ids", "attention_mask", "label", "idx") if c in tokenized["train"].column_names]
+    cols = [c for c in _EVAL_COLUMNS if c in tokenized["train"].column_names]
     for split in task.eval_splits:
         ds = tokenized[split].select_columns(cols)
         lengths = [len(x) for x in ds["input_ids"]]
         order = sorted(range(len(ds)), key=lengths.__getitem__)  # stable: ties keep dev order
         if cfg.objective == "mlm":
-            mem = InMemorySplit.from_dataset(ds)
-            loaders[split] = ("mlm", Collator(mem, tokenizer, "dynamic", cfg.max_length, mlm=True,
-                                              mlm_probability=cfg.mlm_probability, seed=cfg.seed), order)
+            loaders[split] = ("mlm", _mlm_eval_collator(cfg, tokenizer, InMemorySplit.from_dataset(ds)), order)
             continue
         ds = ds.select(order)
         collator = DataCollatorWithPadding(tokenizer)
@@ -381,6 +382,27 @@ def _eval_loaders(tokenized, task, tokenizer, cfg, accelerator) -> dict[str, Any
         loaders[split] = ("cls", accelerator.prepare(DataLoader(ds, batch_size=cfg.per_device_eval_batch_size,
                                                                 collate_fn=collate)), order)
     return loaders
+
+
+def _mlm_eval_collator(cfg, tokenizer, split):
+    """The masked-LM evaluation's collator: masks from `cfg.seed` and the example's dev index, epoch 0, so every run
+    of a seed scores the same masked tokens whatever its (B, N)."""
+    from .features import Collator
+
+    return Collator(split, tokenizer, "dynamic", cfg.max_length, mlm=True, mlm_probability=cfg.mlm_probability,
+                    seed=cfg.seed)
+
+
+def mlm_eval_targets(cfg, tokenizer, tokenized_split) -> list[int]:
+    """The token ids the masked-LM evaluation predicts on one tokenised split, in dev order: the labels of the
+    masks the run's evaluation scores (the trivial baseline's input: always predicting the most frequent of them)."""
+    from .features import InMemorySplit
+
+    cols = [c for c in _EVAL_COLUMNS if c in tokenized_split.column_names]
+    collate = _mlm_eval_collator(cfg, tokenizer, InMemorySplit.from_dataset(tokenized_split.select_columns(cols)))
+    everything = list(range(len(collate.split)))
+    labels = collate(everything, everything, epoch=0)["labels"]
+    return labels[labels != -100].tolist()
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,8 @@ class BiasStudy:
     unfinished: list[str]
     changes: list[str] = field(default_factory=list)
     """The grid file's record of design changes made after runs had started (printed under the grid's line)."""
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per masked-LM task, the trivial baseline of masked accuracy (`mlm_baselines`); empty until computed."""
 
 
 def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
@@ -140,6 +143,62 @@ def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
     return BiasStudy(name=study.name, grid_file=str(grid_file), runs=study.runs, planned=study.planned,
                      arms=spec.arms, comparisons=spec.comparisons, thresholds=spec.reference_thresholds,
                      unfinished=study.unfinished, changes=spec.changes)
+
+
+def mlm_baselines(study: BiasStudy, glue_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per masked-LM task of the study's reference runs: the masked accuracy of always predicting the most frequent
+    masked dev token, for each evaluation seed's masks (the masks the runs were scored on).
+
+    Returns {task: {"rates": {seed: rate}, "tokens": masked dev tokens (first seed), "token": the most frequent one,
+    "source": where the dev data was read}}; "rates" is empty when no data source is readable here.
+    """
+    import dataclasses
+
+    from ..core.config import TrainConfig
+    from ..core.setup import load_model, load_raw, load_splits
+    from ..core.train import mlm_eval_targets
+    from .numbers import data_source
+
+    references = set(study.comparisons.values())
+    out: dict[str, dict[str, Any]] = {}
+    for task in sorted({r.task for r in study.runs if r.objective == "mlm" and r.arm in references}):
+        runs = [r for r in study.runs if r.task == task and r.objective == "mlm" and r.arm in references]
+        first = runs[0].config
+        source = data_source(first, glue_dir)
+        if source is None:
+            out[task] = {"rates": {}, "tokens": 0, "token": None, "source": "none"}
+            continue
+        values = {k: v for k, v in first.items() if k != "derived"}
+        values.update({"glue_dir": None, "train_file": None, "validation_file": None, **source[0]})
+        cfg = TrainConfig.from_dict(values)
+        spec, tokenizer, _, _ = load_model(cfg)
+        raw = load_raw(cfg, spec)
+        raw["train"] = raw["train"].select(range(1))  # only the dev split is scored; skip tokenising the rest
+        dev = load_splits(cfg, spec, tokenizer, raw=raw)[spec.eval_splits[0]]
+        rates, tokens, token = {}, 0, None
+        for seed in sorted({int(r.config.get("seed", cfg.seed)) for r in runs}):
+            targets = mlm_eval_targets(dataclasses.replace(cfg, seed=seed), tokenizer, dev)
+            rates[seed] = stats.majority_rate(targets)
+            if token is None:
+                tokens = len(targets)
+                token = tokenizer.convert_ids_to_tokens(Counter(targets).most_common(1)[0][0])
+        out[task] = {"rates": rates, "tokens": tokens, "token": token, "source": source[1]}
+    return out
+
+
+def _baseline_text(study: BiasStudy) -> str:
+    """'; trivial baseline ...' for the grid's line of the section, per masked-LM task ('' for none)."""
+    parts = []
+    for task, b in study.baselines.items():
+        if not b["rates"]:
+            parts.append(f"{task}: trivial baseline unknown (no dev data readable here: pass --glue_dir)")
+            continue
+        lo, hi = min(b["rates"].values()), max(b["rates"].values())
+        span = fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+        parts.append(f"{task} trivial baseline {span} masked_accuracy (always predicting the most frequent masked dev "
+                     f"token, `{b['token']}`, with the dev masks of {len(b['rates'])} "
+                     f"{'seed' if len(b['rates']) == 1 else 'seeds'}; {b['tokens']} masked tokens)")
+    return "".join(f"; {p}" for p in parts)
 
 
 def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
@@ -430,7 +489,7 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
                + (f" ({len(below)} below it, kept in the tables)" if below else "") if thr
                else "no reference bar stated in the grid file")
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
-                     f"{len(s.unfinished)} started and unfinished; {bar}.")
+                     f"{len(s.unfinished)} started and unfinished; {bar}{_baseline_text(s)}.")
         lines += [f"  - Design change after runs had started (recorded in the grid file under `changes`): "
                   f"{' '.join(c.split())}" for c in s.changes]
     lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
@@ -483,9 +542,13 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
     return "\n".join(lines)
 
 
-def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str | None = None) -> dict[str, Path]:
-    """Read every (runs folder, grid file), write the tables, figures and biases.md to `output_dir`."""
+def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str | None = None,
+              glue_dir: str | None = None) -> dict[str, Path]:
+    """Read every (runs folder, grid file), write the tables, figures and biases.md to `output_dir`; `glue_dir`
+    is where masked-LM dev data is read for the trivial baseline when the runs' own data source is not here."""
     studies = [load_study(d, g) for d, g in pairs_of]
+    for s in studies:
+        s.baselines = mlm_baselines(s, glue_dir)
     head = provenance(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = [row for s in studies for row in pair_rows(s)]

@@ -305,6 +305,19 @@ def _task_probes(nums: dict[str, Any]) -> None:
                                                 and nums[f"probe.{name}.objective"] == objective]
 
 
+def data_source(cfg: dict[str, Any], glue_dir: str | None) -> tuple[dict[str, Any], str] | None:
+    """Where a run's dev data can be read on this machine: (data keyword arguments, folder or file), from the run's own
+    GLUE folder or user files when they are here, else `glue_dir`; None when neither is."""
+    if cfg.get("glue_dir") and Path(cfg["glue_dir"]).is_dir():
+        return {"glue_dir": cfg["glue_dir"]}, cfg["glue_dir"]
+    if cfg.get("train_file") and cfg.get("validation_file") and Path(cfg["validation_file"]).is_file():
+        return ({"train_file": cfg["train_file"], "validation_file": cfg["validation_file"],
+                 "label_column_name": cfg.get("label_column_name")}, cfg["validation_file"])
+    if glue_dir:
+        return {"glue_dir": glue_dir}, glue_dir
+    return None
+
+
 def _dev_labels(task: str, configs: list[dict[str, Any]], glue_dir: str | None) -> tuple[list | None, str]:
     """The first evaluation split's labels (first max_eval_samples of them) from the runs' own data source when it
     is on this machine, else from `glue_dir`; (None, "none") when neither is readable."""
@@ -313,17 +326,10 @@ def _dev_labels(task: str, configs: list[dict[str, Any]], glue_dir: str | None) 
 
     spec = get_task(task)
     cfg = configs[0] if configs else {}
-    sources = []
-    if cfg.get("glue_dir") and Path(cfg["glue_dir"]).is_dir():
-        sources.append(({"glue_dir": cfg["glue_dir"]}, cfg["glue_dir"]))
-    if cfg.get("train_file") and cfg.get("validation_file") and Path(cfg["validation_file"]).is_file():
-        sources.append(({"train_file": cfg["train_file"], "validation_file": cfg["validation_file"],
-                         "label_column_name": cfg.get("label_column_name")}, cfg["validation_file"]))
-    if glue_dir:
-        sources.append(({"glue_dir": glue_dir}, glue_dir))
-    if not sources or spec.is_regression:
+    source = data_source(cfg, glue_dir)
+    if source is None or spec.is_regression:
         return None, "none"
-    kwargs, where = sources[0]
+    kwargs, where = source
     labels = load_eval_labels(spec, **kwargs)[spec.eval_splits[0]]
     limit = cfg.get("max_eval_samples")
     return (labels[:limit] if limit else labels), where
