@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bert_accum.core.data import load_eval_labels
+from bert_accum.core.tasks import get_task
 from bert_accum.errors import BertAccumError
 from bert_accum.study.bias_study import judge, bias_of, holm, load_study, pair_rows, run_study, verdict
 from bert_accum.core.train import run
@@ -38,6 +40,10 @@ def bug_grid(tmp_path_factory, tiny_model_dir, synthetic_glue_dir):
     for cell in expand(GridSpec.load(grid))[:-1]:  # seed 3's last cell left unfinished
         run(cell.config)
     return root, grid
+
+
+def bug_grid_glue(grid: Path) -> str:
+    return yaml.safe_load(grid.read_text())["shared"]["glue_dir"]
 
 
 def test_pairs_are_cells_of_the_same_seed_and_unfinished_ones_are_counted(bug_grid):
@@ -73,6 +79,11 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     assert text.startswith("<!-- command: bias-study test")
     assert "### `lr_scheduler.step()` on every micro-batch" in text and "**Fix.**" in text
     assert "11 of 12 planned runs finished" in text
+    # the grid's line states the trivial baseline the reference runs must beat: here the majority class of the dev set
+    labels = load_eval_labels(get_task("synthetic"), glue_dir=bug_grid_glue(grid))["validation"]
+    majority = max(labels.count(c) for c in set(labels)) / len(labels)
+    assert (f"synthetic trivial baseline {majority:.4f} accuracy (the best constant predictor over the "
+            f"{len(labels)} dev labels)") in text
     # the grid's record of design changes travels with its runs, folded onto one line
     assert ("  - Design change after runs had started (recorded in the grid file under `changes`): 2026-12-02, "
             "after seed 1: the SGD arms' learning rate went from 0.1 to 0.05.") in text

@@ -11,7 +11,8 @@ with dropout and padding held fixed), and writes to the output folder (default `
   learning rate of both, and for masked-LM the items per micro-batch and their spread;
 * ``lr.csv`` and ``lr.png``: the learning rate of every arm at every optimizer step (first seed), small multiples per
   optimizer and (B, N);
-* ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm;
+* ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm, with the grid's reference bar
+  and the trivial baseline (majority class; for masked-LM, the most frequent masked dev token) drawn across;
 * ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --biases DIR``,
   which also reads ``paired.csv`` for the report's answer), opening with its answer. A comparison gets a verdict only once all its planned pairs have finished.
 
@@ -128,7 +129,7 @@ class BiasStudy:
     changes: list[str] = field(default_factory=list)
     """The grid file's record of design changes made after runs had started (printed under the grid's line)."""
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per masked-LM task, the trivial baseline of masked accuracy (`mlm_baselines`); empty until computed."""
+    """Per task of the reference runs, the trivial baseline (`trivial_baselines`); empty until computed."""
 
 
 def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
@@ -145,60 +146,90 @@ def load_study(runs_dir: Path, grid_file: str | Path) -> BiasStudy:
                      unfinished=study.unfinished, changes=spec.changes)
 
 
-def mlm_baselines(study: BiasStudy, glue_dir: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per masked-LM task of the study's reference runs: the masked accuracy of always predicting the most frequent
-    masked dev token, for each evaluation seed's masks (the masks the runs were scored on).
+def trivial_baselines(study: BiasStudy, glue_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per task of the study's reference runs, the score of a trivial predictor on the dev data the runs were scored
+    on: for masked-LM, always predicting the most frequent masked dev token, with each evaluation seed's masks; for
+    classification and regression, the best constant predictor (`stats.trivial_baseline`: majority class, ...).
 
-    Returns {task: {"rates": {seed: rate}, "tokens": masked dev tokens (first seed), "token": the most frequent one,
-    "source": where the dev data was read}}; "rates" is empty when no data source is readable here.
+    Returns {task: {"metric", "value" (mean over seeds; NaN when no data source is readable here), "source", and
+    for masked-LM "rates" ({seed: rate}), "tokens" (masked dev tokens, first seed), "token" (the most frequent one);
+    else "labels" (dev labels counted)}}.
     """
+    from .numbers import data_source, dev_labels
+
+    references = set(study.comparisons.values())
+    out: dict[str, dict[str, Any]] = {}
+    for task in sorted({r.task for r in study.runs if r.arm in references}):
+        runs = [r for r in study.runs if r.task == task and r.arm in references]
+        metric = runs[0].metric_name
+        if runs[0].objective == "mlm":
+            source = data_source(runs[0].config, glue_dir)
+            b = _mlm_baseline(runs, source) if source else {"rates": {}, "tokens": 0, "token": None, "source": "none"}
+            rates = list(b["rates"].values())
+            out[task] = {"metric": metric, "value": statistics.fmean(rates) if rates else math.nan, **b}
+            continue
+        labels, where = dev_labels(task, [r.config for r in runs], glue_dir)
+        out[task] = {"metric": metric, "value": stats.trivial_baseline(metric, labels), "labels": len(labels or []),
+                     "source": where}
+    return out
+
+
+def _mlm_baseline(runs: list[Any], source: tuple[dict[str, Any], str]) -> dict[str, Any]:
     import dataclasses
 
     from ..core.config import TrainConfig
     from ..core.setup import load_model, load_raw, load_splits
     from ..core.train import mlm_eval_targets
-    from .numbers import data_source
 
-    references = set(study.comparisons.values())
-    out: dict[str, dict[str, Any]] = {}
-    for task in sorted({r.task for r in study.runs if r.objective == "mlm" and r.arm in references}):
-        runs = [r for r in study.runs if r.task == task and r.objective == "mlm" and r.arm in references]
-        first = runs[0].config
-        source = data_source(first, glue_dir)
-        if source is None:
-            out[task] = {"rates": {}, "tokens": 0, "token": None, "source": "none"}
-            continue
-        values = {k: v for k, v in first.items() if k != "derived"}
-        values.update({"glue_dir": None, "train_file": None, "validation_file": None, **source[0]})
-        cfg = TrainConfig.from_dict(values)
-        spec, tokenizer, _, _ = load_model(cfg)
-        raw = load_raw(cfg, spec)
-        raw["train"] = raw["train"].select(range(1))  # only the dev split is scored; skip tokenising the rest
-        dev = load_splits(cfg, spec, tokenizer, raw=raw)[spec.eval_splits[0]]
-        rates, tokens, token = {}, 0, None
-        for seed in sorted({int(r.config.get("seed", cfg.seed)) for r in runs}):
-            targets = mlm_eval_targets(dataclasses.replace(cfg, seed=seed), tokenizer, dev)
-            rates[seed] = stats.majority_rate(targets)
-            if token is None:
-                tokens = len(targets)
-                token = tokenizer.convert_ids_to_tokens(Counter(targets).most_common(1)[0][0])
-        out[task] = {"rates": rates, "tokens": tokens, "token": token, "source": source[1]}
-    return out
+    values = {k: v for k, v in runs[0].config.items() if k != "derived"}
+    values.update({"glue_dir": None, "train_file": None, "validation_file": None, **source[0]})
+    cfg = TrainConfig.from_dict(values)
+    spec, tokenizer, _, _ = load_model(cfg)
+    raw = load_raw(cfg, spec)
+    raw["train"] = raw["train"].select(range(1))  # only the dev split is scored; skip tokenising the rest
+    dev = load_splits(cfg, spec, tokenizer, raw=raw)[spec.eval_splits[0]]
+    rates, tokens, token = {}, 0, None
+    for seed in sorted({int(r.config.get("seed", cfg.seed)) for r in runs}):
+        targets = mlm_eval_targets(dataclasses.replace(cfg, seed=seed), tokenizer, dev)
+        rates[seed] = stats.majority_rate(targets)
+        if token is None:
+            tokens = len(targets)
+            token = tokenizer.convert_ids_to_tokens(Counter(targets).most_common(1)[0][0])
+    return {"rates": rates, "tokens": tokens, "token": token, "source": source[1]}
 
 
 def _baseline_text(study: BiasStudy) -> str:
-    """'; trivial baseline ...' for the grid's line of the section, per masked-LM task ('' for none)."""
+    """'; sst2 trivial baseline ...' for the grid's line of the section, per task ('' for none)."""
     parts = []
     for task, b in study.baselines.items():
-        if not b["rates"]:
+        if math.isnan(b["value"]):
             parts.append(f"{task}: trivial baseline unknown (no dev data readable here: pass --glue_dir)")
-            continue
-        lo, hi = min(b["rates"].values()), max(b["rates"].values())
-        span = fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
-        parts.append(f"{task} trivial baseline {span} masked_accuracy (always predicting the most frequent masked dev "
-                     f"token, `{b['token']}`, with the dev masks of {len(b['rates'])} "
-                     f"{'seed' if len(b['rates']) == 1 else 'seeds'}; {b['tokens']} masked tokens)")
+        elif "rates" in b:
+            lo, hi = min(b["rates"].values()), max(b["rates"].values())
+            span = fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+            parts.append(f"{task} trivial baseline {span} {b['metric']} (always predicting the most frequent masked "
+                         f"dev token, `{b['token']}`, with the dev masks of {len(b['rates'])} "
+                         f"{'seed' if len(b['rates']) == 1 else 'seeds'}; {b['tokens']} masked tokens)")
+        else:
+            rule = (f"the best constant predictor over the {b['labels']} dev labels" if b["labels"]
+                    else "a constant predictor")
+            parts.append(f"{task} trivial baseline {fmt(b['value'])} {b['metric']} ({rule})")
     return "".join(f"; {p}" for p in parts)
+
+
+def _guides(studies: list[BiasStudy]) -> dict[tuple[str, str, str], list[tuple[float, str, str]]]:
+    """Horizontal lines for the learning-curve panels, keyed by (study, task, metric): the reference bar and the
+    trivial baseline, as (value, label, colour)."""
+    out: dict[tuple[str, str, str], list[tuple[float, str, str]]] = {}
+    for s in studies:
+        for task, by_metric in s.thresholds.items():
+            for metric, v in by_metric.items():
+                out.setdefault((s.name, task, metric), []).append((float(v), f"reference bar {v:g}", "gray"))
+        for task, b in s.baselines.items():
+            if not math.isnan(b["value"]):
+                out.setdefault((s.name, task, b["metric"]), []).append(
+                    (b["value"], f"trivial baseline {b['value']:.3f}", "tab:red"))
+    return out
 
 
 def bias_of(arm_values: dict[str, Any], ref_values: dict[str, Any]) -> str:
@@ -369,9 +400,11 @@ def curve_rows(study: BiasStudy) -> list[dict[str, Any]]:
 
 
 def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str, title,
-                     references: set[tuple[str, str]]) -> Path:
+                     references: set[tuple[str, str]],
+                     guides: dict[tuple, list[tuple[float, str, str]]] | None = None) -> Path:
     """One panel per study and value of `panel_keys`, one line per arm (full arm names in a legend under the panel,
-    where it hides no line; reference arms, given as (study, arm), solid)."""
+    where it hides no line; reference arms, given as (study, arm), solid); `guides`, keyed by a panel's first
+    values (study, then its first keys), adds dotted horizontal lines as (value, label, colour)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,6 +424,10 @@ def _small_multiples(rows, x, y, panel_keys, path: Path, head: str, ylabel: str,
             if mine:
                 ax.plot([r[x] for r in mine], [r[y] for r in mine], color=colours[arm], lw=1.3,
                         ls="-" if (panel[0], arm) in references else "--", label=arm)
+        for key, lines in (guides or {}).items():
+            if panel[:len(key)] == key:
+                for value, label, colour in lines:
+                    ax.axhline(value, color=colour, lw=0.9, ls=":", label=label)
         ax.set_title(f"{panel[0]}: {title(panel[1:])}", fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -548,7 +585,7 @@ def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str 
     is where masked-LM dev data is read for the trivial baseline when the runs' own data source is not here."""
     studies = [load_study(d, g) for d, g in pairs_of]
     for s in studies:
-        s.baselines = mlm_baselines(s, glue_dir)
+        s.baselines = trivial_baselines(s, glue_dir)
     head = provenance(command)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs = [row for s in studies for row in pair_rows(s)]
@@ -571,7 +608,7 @@ def run_study(pairs_of: list[tuple[Path, Path]], output_dir: Path, command: str 
         files["curves_figure"] = _small_multiples(
             curves, "optimizer_step", "value_mean", ("task", "metric", "micro_batch_size", "accumulation_steps"),
             output_dir / "curves.png", head, "dev metric (seed mean)", lambda p: f"{p[0]} {p[1]}, B={p[2]} x N={p[3]}",
-            references)
+            references, _guides(studies))
         figures["Dev metric over training, seed means, every arm"] = files["curves_figure"].name
     files["markdown"].write_text(markdown(studies, pairs, head, figures))
     return files

@@ -216,7 +216,7 @@ def _task(nums: dict[str, Any], c: ConvergedStudy, task: str, glue_dir: str | No
     planned = [cell for cell in c.planned if cell.task == task]
     configs = _started_configs(c, task)
     metric = runs[0].metric_name if runs else get_task(task).main_metric
-    labels, source = _dev_labels(task, configs, glue_dir)
+    labels, source = dev_labels(task, configs, glue_dir)
     baseline = stats.trivial_baseline(metric, labels)
     rule = ("constant" if metric in stats.ZERO_BASELINE_METRICS else "majority" if metric == "accuracy" and labels
             else "positive" if metric == "f1" and labels else "unknown")
@@ -318,7 +318,7 @@ def data_source(cfg: dict[str, Any], glue_dir: str | None) -> tuple[dict[str, An
     return None
 
 
-def _dev_labels(task: str, configs: list[dict[str, Any]], glue_dir: str | None) -> tuple[list | None, str]:
+def dev_labels(task: str, configs: list[dict[str, Any]], glue_dir: str | None) -> tuple[list | None, str]:
     """The first evaluation split's labels (first max_eval_samples of them) from the runs' own data source when it
     is on this machine, else from `glue_dir`; (None, "none") when neither is readable."""
     from ..core.data import load_eval_labels
