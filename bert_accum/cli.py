@@ -496,8 +496,9 @@ Markdown section from grids that declare `comparisons` (each arm against its ref
 
     bert-accum grid configs/study_bugs_converged.yaml --glue_dir /path/to/glue --parallel 2
     bert-accum grid configs/study_mlm_converged.yaml --glue_dir /path/to/glue --parallel 2
-    bert-accum bias-study --study results/runs/bugs_converged configs/study_bugs_converged.yaml \
-                          --study results/runs/mlm_converged configs/study_mlm_converged.yaml
+    bert-accum bias-study --study results/runs/bugs_converged configs/study_bugs_converged.yaml \\
+                          --study results/runs/mlm_converged configs/study_mlm_converged.yaml \\
+                          --glue_dir /path/to/glue
 
 Writes paired.csv, lr.csv, lr.png, curves.csv, curves.png and biases.md to --output_dir (include them in the
 report with `report.py --biases DIR`). The logic lives in bert_accum.study.bias_study.
@@ -511,7 +512,8 @@ def bias_study_main(argv: list[str] | None = None, prog: str | None = None) -> i
                    help="a grid's runs folder and its grid file (repeat for several grids)")
     p.add_argument("--output_dir", default="results/biases", help="where the tables, figures and biases.md go")
     p.add_argument("--glue_dir", default=None,
-                   help="GLUE folder for the masked-LM trivial baseline when a run's own data source is not here")
+                   help="GLUE folder for the dev data of the trivial baselines (majority class, most frequent "
+                        "masked token) when a run's own data source is not here")
     a = p.parse_args(argv)
 
     def go() -> None:
