@@ -689,6 +689,12 @@ def test_the_bias_study_answers_line_4_and_is_the_first_included_section(converg
         "1 not at convergence (their correct runs did not all reach the grid's reference bar: step_mod_boundaries "
         "(plain SGD, (2,16)) 2 of 5); "
         "1 not yet decidable (3 of 5 pairs finished).")
+    # line 5 closes with the fix of each bias shown, next to its effect
+    line5 = next(ln for ln in text.splitlines() if ln.startswith("5. "))
+    assert line5.endswith(
+        " Where the bias study shows a bias at the end of training (section 2), fix it: mean_of_means (-0.0120 at "
+        "(2,16) masked_accuracy): with a per-token loss, divide the window's token-loss sum by its token count "
+        "(`--loss_normalization global`), not each micro-batch's mean by N.")
     assert (text.index("## 1. The converged study") < text.index("## 2. The real biases at the end of training")
             < text.index("## 3. The Hugging Face Trainer"))
     nums = json.loads((out.parent / "numbers.json").read_text())

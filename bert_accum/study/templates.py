@@ -227,6 +227,20 @@ ANSWER_ACT = {
                 "(B, N) for (E, 1) there); until the others are decided, to take (E, 1)'s steps exactly, {exact}"),
     "no data": "5. **What to do.** To take (E, 1)'s steps exactly, {exact}",
 }
+# Line 5's last sentence: each bias the bias study shows at the end of training, with the fix in a few words.
+ANSWER_ACT_BIASES = " Where the bias study shows a bias at the end of training (section 2), fix it: {items}."
+ANSWER_ACT_BIAS = "{bias} ({effects} {metric}): {fix}"
+ANSWER_ACT_BIAS_EFFECT = "{effect} at ({micro_batch_size},{accumulation_steps})"
+BIAS_FIX = {
+    "mean_of_means": "with a per-token loss, divide the window's token-loss sum by its token count "
+                     "(`--loss_normalization global`), not each micro-batch's mean by N",
+    "scheduler_stepped_per_micro_batch": "call `lr_scheduler.step()` only where `optimizer.step()` is called",
+    "schedule_sized_in_micro_batches": "size the schedule in optimizer steps, `ceil(len(dataloader) / N) * epochs`",
+    "step_mod_boundaries": "step when `(step + 1) % N == 0` or at the epoch's last micro-batch",
+    "last_window_1_over_n": "divide a short last window's losses by the micro-batches it holds, not by N",
+    "clip_per_micro_batch": "clip once per window, right before `optimizer.step()`",
+}
+BIAS_FIX_UNKNOWN = "see its section"
 ANSWER_EXACT = ("run with `{switches}` (arm `{answer.exact_arm}`: {start}; largest |paired difference| at the end "
                 "{by_task} over {answer.exact_n} pairs{so_far}{apart}).")
 ANSWER_EXACT_START = {"round-off": "its first steps match (E, 1) to fp32 round-off",
@@ -542,8 +556,21 @@ def _answer(nums: dict[str, Any], figures: dict[str, str]) -> list[str]:
     ratios = [fill(ANSWER_EXCESS_TASK, nums, ratio=nums[f"answer.{t}.abs_mean_ratio"], task=t)
               for t in nums["answer.tasks"] if nums.get(f"answer.{t}.abs_mean_ratio")]
     excess = fill(ANSWER_EXCESS, nums, items=", ".join(ratios)) if ratios else ""
-    L += [fill(ANSWER_ACT[state], nums, exact=exact, excess=excess), ""]
+    L += [fill(ANSWER_ACT[state], nums, exact=exact, excess=excess) + _fix_shown_biases(nums), ""]
     return L
+
+
+def _fix_shown_biases(nums: dict[str, Any]) -> str:
+    """Line 5's closing sentence: each bias shown at the end of training, its effects per (B, N), and its fix."""
+    by_bias: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in (nums.get("biases.shown") or []) if nums.get("biases.present") else []:
+        by_bias.setdefault((r["bias"], r["metric"]), []).append(r)
+    items = [fill(ANSWER_ACT_BIAS, nums, bias=bias, metric=metric, fix=BIAS_FIX.get(bias, BIAS_FIX_UNKNOWN),
+                  effects=", ".join(fill(ANSWER_ACT_BIAS_EFFECT, nums, effect=show(r["mean_diff"], "signed"),
+                                         micro_batch_size=r["micro_batch_size"],
+                                         accumulation_steps=r["accumulation_steps"]) for r in rows))
+             for (bias, metric), rows in by_bias.items()]
+    return fill(ANSWER_ACT_BIASES, nums, items="; ".join(items)) if items else ""
 
 
 def _exact_apart(nums: dict[str, Any]) -> str:
