@@ -214,11 +214,20 @@ def test_the_masked_lm_comparison_through_the_trainer_and_its_check_against_the_
     check = rows["trainer_global"]
     assert check["bias"] == "trainer_vs_loop" and check["verdict"] == "a check" and check["n"] == 2
     assert check["max_abs_diff"] < 1e-6 and math.isnan(check["p_value"])  # out of the Holm family
+    # step by step: the Trainer's training losses stay within round-off of the loop's, and the leading steps counted
+    # as identical are those whose losses are equal in every pair
+    study = load_study(tmp_path / "runs", grid)
+    by = {(r.arm, r.cell_seed): [s["loss"] for s in r.steps] for r in study.runs}
+    leading = min(next((i for i, (x, y) in enumerate(zip(by[("trainer_global", s)], by[("global", s)])) if x != y), 3)
+                  for s in (1, 2))
+    assert check["steps_identical"] == leading
+    assert check["max_loss_gap"] < 1e-5 and check["first_step_apart_1e2"] is None
     # through the Trainer the comparison is the loop's, seed by seed
     assert rows["trainer_mean_of_means"]["diffs"] == rows["mean_of_means"]["diffs"]
     text = run_study([(tmp_path / "runs", grid)], tmp_path / "out", command="t")["markdown"].read_text()
     assert "### The same loss through the Hugging Face Trainer (a check, not a bias)" in text
     assert "trainer_global − global = " in text and "a check: largest |difference|" in text
+    assert f"training losses bit-identical for the first {leading} optimizer steps in every pair" in text
     # the grid's line states the trivial baseline of masked accuracy, from the dev masks of both seeds
     assert "synthetic trivial baseline " in text and "with the dev masks of 2 seeds" in text
 

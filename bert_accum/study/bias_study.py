@@ -109,7 +109,8 @@ BIASES: dict[str, dict[str, str]] = {
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
                 "n", "planned", "reference_below_bar", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
                 "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
-                "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window")
+                "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window",
+                "steps_identical", "max_loss_gap", "first_step_apart_1e2")
 LR_COLUMNS = ("study", "arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
 CURVE_COLUMNS = ("study", "arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
 
@@ -305,6 +306,7 @@ def holm(p_values: list[float]) -> list[float]:
 
 def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
     """Paired differences (arm - reference, same cell seed) of the final dev metric per comparison x task x (B, N)."""
+    from .numbers import first_above, loss_gaps
     from .report import check_pair, param_distance
 
     by_cell = {(r.task, r.arm, r.bn, r.cell_seed): r for r in study.runs}
@@ -333,6 +335,8 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                      for a, b in pairs if a.final_predictions is not None and b.final_predictions is not None]
             spread = [_items_spread(a) for a, _ in pairs]
             metric = pairs[0][0].metric_name if pairs else ""
+            gaps = [loss_gaps(a, b) for a, b in pairs]
+            apart = [first_above(g, 1e-2) for g in gaps]
             rows.append({
                 "bias": bias, "arm": arm, "reference": ref,
                 "optimizer": _optimizer(cell_plan[0].config.optim),  # from the plan: named before any pair finishes
@@ -354,9 +358,19 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "param_distance": statistics.fmean(param_distance(a, b) for a, b in pairs) if pairs else math.nan,
                 "items_per_micro_batch": statistics.fmean(m for m, _ in spread) if spread else math.nan,
                 "items_cv_within_window": statistics.fmean(c for _, c in spread) if spread else math.nan,
+                # the training loss step by step (relative gap): how long the pairs take the same steps, bit for bit,
+                # how far apart they get, and the first step where they differ by 1% (min over pairs; None: never)
+                "steps_identical": min((_leading_zeros(g) for g in gaps), default=math.nan),
+                "max_loss_gap": max((x for g in gaps for _, x in g), default=math.nan),
+                "first_step_apart_1e2": min((s for s in apart if s is not None), default=None) if apart else None,
             })
     judge(rows)
     return rows
+
+
+def _leading_zeros(gaps: list[tuple[int, float]]) -> int:
+    """How many optimizer steps, from the first, the two runs' training losses are exactly equal."""
+    return next((i for i, (_, g) in enumerate(gaps) if g != 0), len(gaps))
 
 
 def judge(rows: list[dict[str, Any]]) -> None:
@@ -463,7 +477,10 @@ def _reading(row: dict[str, Any]) -> str:
         if row["n"] == 0:
             return "a check: no pairs yet"
         return (f"a check: largest |difference| {row['max_abs_diff']:.2g} over {row['n']} "
-                f"{'pair' if row['n'] == 1 else 'pairs'}")
+                f"{'pair' if row['n'] == 1 else 'pairs'}; training losses bit-identical for the first "
+                f"{row['steps_identical']} optimizer steps in every pair, at most {row['max_loss_gap']:.1e} apart "
+                f"(relative) over the run" + ("" if row["first_step_apart_1e2"] is None
+                                             else f", 1% apart from step {row['first_step_apart_1e2']}"))
     if row["verdict"] == "a bias":
         return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":

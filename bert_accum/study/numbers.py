@@ -403,14 +403,14 @@ def _pair(nums: dict[str, Any], key: str, runs: dict[int, Run], refs: dict[int, 
     # How far apart the two runs train, step by step: the first optimizer step whose training loss differs by more
     # than 1e-4 and 1e-2 relative (None: never). An exact arm matches every step to fp32 round-off, and over a long
     # run that round-off can still grow until the pair parts.
-    gaps = [_loss_gaps(runs[s], refs[s]) for s in ok]
+    gaps = [loss_gaps(runs[s], refs[s]) for s in ok]
     _put(nums, f"{key}.trajectory", steps=[len(g) for g in gaps],
-         apart_1e4=[_first_above(g, 1e-4) for g in gaps], apart_1e2=[_first_above(g, 1e-2) for g in gaps],
+         apart_1e4=[first_above(g, 1e-4) for g in gaps], apart_1e2=[first_above(g, 1e-2) for g in gaps],
          max_rel=[max((x for _, x in g), default=math.nan) for g in gaps],
          first_rel=[g[0][1] if g else math.nan for g in gaps])
 
 
-def _loss_gaps(a: Run, b: Run) -> list[tuple[int, float]]:
+def loss_gaps(a: Run, b: Run) -> list[tuple[int, float]]:
     """(optimizer step, |loss_a - loss_b| / |loss_b|) at every optimizer step both runs recorded."""
     la = {r["optimizer_step"]: r.get("loss") for r in a.steps}
     out = []
@@ -421,7 +421,7 @@ def _loss_gaps(a: Run, b: Run) -> list[tuple[int, float]]:
     return out
 
 
-def _first_above(gaps: list[tuple[int, float]], threshold: float) -> int | None:
+def first_above(gaps: list[tuple[int, float]], threshold: float) -> int | None:
     """The optimizer step at which the loss gap first exceeds `threshold`, None if it never does."""
     return next((step for step, g in gaps if g > threshold), None)
 
