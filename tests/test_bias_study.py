@@ -221,13 +221,16 @@ def test_the_masked_lm_comparison_through_the_trainer_and_its_check_against_the_
     leading = min(next((i for i, (x, y) in enumerate(zip(by[("trainer_global", s)], by[("global", s)])) if x != y), 3)
                   for s in (1, 2))
     assert check["steps_identical"] == leading
+    assert check["pairs_identical"] == sum(by[("trainer_global", s)] == by[("global", s)] for s in (1, 2))
     assert check["max_loss_gap"] < 1e-5 and check["first_step_apart_1e2"] is None
     # through the Trainer the comparison is the loop's, seed by seed
     assert rows["trainer_mean_of_means"]["diffs"] == rows["mean_of_means"]["diffs"]
     text = run_study([(tmp_path / "runs", grid)], tmp_path / "out", command="t")["markdown"].read_text()
     assert "### The same loss through the Hugging Face Trainer (a check, not a bias)" in text
     assert "trainer_global − global = " in text and "a check: largest |difference|" in text
-    assert f"training losses bit-identical for the first {leading} optimizer steps in every pair" in text
+    same = check["pairs_identical"]
+    assert ("training losses bit-identical at every optimizer step in "
+            + ("every pair" if same == 2 else f"{same} of 2 pairs")) in text
     # the grid's line states the trivial baseline of masked accuracy, from the dev masks of both seeds
     assert "synthetic trivial baseline " in text and "with the dev masks of 2 seeds" in text
 

@@ -110,7 +110,7 @@ PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_si
                 "n", "planned", "reference_below_bar", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
                 "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window",
-                "steps_identical", "max_loss_gap", "first_step_apart_1e2")
+                "steps_identical", "pairs_identical", "max_loss_gap", "first_step_apart_1e2")
 LR_COLUMNS = ("study", "arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
 CURVE_COLUMNS = ("study", "arm", "task", "micro_batch_size", "accumulation_steps", "optimizer_step", "n", "metric", "value_mean")
 
@@ -361,6 +361,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 # the training loss step by step (relative gap): how long the pairs take the same steps, bit for bit,
                 # how far apart they get, and the first step where they differ by 1% (min over pairs; None: never)
                 "steps_identical": min((_leading_zeros(g) for g in gaps), default=math.nan),
+                "pairs_identical": sum(bool(g) and _leading_zeros(g) == len(g) for g in gaps),
                 "max_loss_gap": max((x for g in gaps for _, x in g), default=math.nan),
                 "first_step_apart_1e2": min((s for s in apart if s is not None), default=None) if apart else None,
             })
@@ -476,11 +477,15 @@ def _reading(row: dict[str, Any]) -> str:
     if row["verdict"] == "a check":
         if row["n"] == 0:
             return "a check: no pairs yet"
-        return (f"a check: largest |difference| {row['max_abs_diff']:.2g} over {row['n']} "
-                f"{'pair' if row['n'] == 1 else 'pairs'}; training losses bit-identical for the first "
-                f"{row['steps_identical']} optimizer steps in every pair, at most {row['max_loss_gap']:.1e} apart "
-                f"(relative) over the run" + ("" if row["first_step_apart_1e2"] is None
-                                             else f", 1% apart from step {row['first_step_apart_1e2']}"))
+        n, same = row["n"], row["pairs_identical"]
+        steps = ("training losses bit-identical at every optimizer step in every pair" if same == n else
+                 f"training losses bit-identical at every optimizer step in {same} of {n} pairs, at most "
+                 f"{row['max_loss_gap']:.1e} apart (relative) over the run"
+                 + (f" (identical for the first {row['steps_identical']} steps in every pair)"
+                    if row["steps_identical"] else "")
+                 + ("" if row["first_step_apart_1e2"] is None
+                    else f", 1% apart from step {row['first_step_apart_1e2']}"))
+        return f"a check: largest |difference| {row['max_abs_diff']:.2g} over {n} {'pair' if n == 1 else 'pairs'}; {steps}"
     if row["verdict"] == "a bias":
         return f"a bias (Holm-adjusted p = {row['p_holm']:.2g})"
     if row["verdict"] == "below the detection limit":
