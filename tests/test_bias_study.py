@@ -84,6 +84,17 @@ def test_outputs_are_headed_and_the_section_names_mechanism_and_fix(bug_grid, tm
     majority = max(labels.count(c) for c in set(labels)) / len(labels)
     assert (f"synthetic trivial baseline {majority:.4f} accuracy (the best constant predictor over the "
             f"{len(labels)} dev labels)") in text
+    # how each reference arm trained, read from its runs: 20 examples at E = 8 are ceil(20 / 8) = 3 optimizer steps;
+    # the clipping threshold is the default 1.0 for AdamW and none for the SGD arms (max_grad_norm 0)
+    assert ("  - How `correct` was trained (3 runs): synthetic classification, the first 20 training examples (file "
+            "order), 1 epoch: 3 optimizer steps at effective batch 8; AdamW") in text
+    assert "learning rate 0.001, linear schedule after 1 warmup steps; gradient clipping at max_grad_norm 1.0;" in text
+    assert ("Compared with it, each differing only in the settings named: `scheduler_stepped_per_micro_batch` "
+            "(bug_modes scheduler_stepped_per_micro_batch).") in text
+    # seed 3's sgd_correct ran, its sgd_last_window_1_over_n did not: the reference still has its 3 runs
+    assert ("  - How `sgd_correct` was trained (3 runs): synthetic classification, the first 20 training examples "
+            "(file order), 1 epoch: 3 optimizer steps at effective batch 8; plain SGD (`sgd`), learning rate 0.05, "
+            "linear schedule after 1 warmup steps; no gradient clipping;") in text
     # the grid's record of design changes travels with its runs, folded onto one line
     assert ("  - Design change after runs had started (recorded in the grid file under `changes`): 2026-12-02, "
             "after seed 1: the SGD arms' learning rate went from 0.1 to 0.05.") in text
@@ -262,6 +273,21 @@ def test_the_masked_lm_section_says_when_clipping_acted_on_every_step_of_both_ar
             "norm in both: the comparison is of how the window weights its tokens") in text
     row.update(clipped_fraction_reference=0.5)
     assert "Clipping acted on" not in markdown([], [row], "command: t | git_commit: abc", {})
+
+
+def test_the_clipping_section_states_the_threshold_and_how_often_it_acted():
+    """clip_per_micro_batch only acts where clipping binds: its bullet names the threshold and both arms' rate."""
+    from bert_accum.study.bias_study import PAIR_COLUMNS, markdown
+
+    row = {c: math.nan for c in PAIR_COLUMNS}
+    row.update(bias="clip_per_micro_batch", arm="clip_per_micro_batch", reference="correct", optimizer="AdamW",
+               task="sst2", micro_batch_size=8, accumulation_steps=4, metric="accuracy", n=5, planned=5,
+               reference_below_bar=0, reference_mean=0.8, mean_diff=-0.004, ci95_lo=-0.011, ci95_hi=0.002,
+               detection_limit=0.011, max_abs_diff=0.01, p_holm=1.0, verdict="below the detection limit",
+               max_grad_norm=1.0, clipped_fraction_arm=0.755, clipped_fraction_reference=0.765)
+    text = markdown([], [row], "command: t | git_commit: abc", {})
+    assert ("Threshold max_grad_norm 1: the reference clipped its window's gradient on 76% of optimizer steps, the arm "
+            "(clipping after every micro-batch) on 76%") in text
 
 
 def test_the_masked_lm_trivial_baseline_is_the_score_of_a_model_that_always_predicts_the_most_frequent_token(

@@ -7,14 +7,16 @@ with dropout and padding held fixed), and writes to the output folder (default `
 
 * ``paired.csv``: per comparison x task x (B, N): pairs finished of planned, the reference's and the arm's final dev
   metric, the paired difference with its 95% Student-t interval, the *detection limit* (the largest |effect| the
-  interval leaves possible), dev predictions that differ, the fraction of steps clipped in both arms, the final
-  learning rate of both, and for masked-LM the items per micro-batch and their spread;
+  interval leaves possible), dev predictions that differ, the clipping threshold and the fraction of steps clipped in
+  both arms, the final learning rate of both, and for masked-LM the items per micro-batch and their spread;
 * ``lr.csv`` and ``lr.png``: the learning rate of every arm at every optimizer step (first seed), small multiples per
   optimizer and (B, N);
 * ``curves.csv`` and ``curves.png``: the dev metric over training, seed means, per arm, with the grid's reference bar
   and the trivial baseline (majority class; for masked-LM, the most frequent masked dev token) drawn across;
 * ``biases.md``: the section "The real biases at convergence" for ``results/REPORT.md`` (``report.py --biases DIR``,
-  which also reads ``paired.csv`` for the report's answer), opening with its answer. A comparison gets a verdict only once all its planned pairs have finished.
+  which also reads ``paired.csv`` for the report's answer), opening with its answer, then per grid how each
+  reference arm was trained (read from its runs' configs) and what each compared arm changes. A comparison gets a
+  verdict only once all its planned pairs have finished.
 
 A pair is two finished runs of the same grid cell name except the arm; they are refused (one line) when they differ
 in anything but the settings that distinguish the two arms in the grid file. Every file is headed by the command and
@@ -108,7 +110,7 @@ BIASES: dict[str, dict[str, str]] = {
 }
 PAIR_COLUMNS = ("bias", "arm", "reference", "optimizer", "task", "micro_batch_size", "accumulation_steps", "metric",
                 "n", "planned", "reference_below_bar", "reference_mean", "arm_mean", "mean_diff", "ci95_lo", "ci95_hi", "detection_limit",
-                "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "clipped_fraction_arm", "clipped_fraction_reference",
+                "max_abs_diff", "p_value", "p_holm", "verdict", "diffs", "mean_disagreements", "max_grad_norm", "clipped_fraction_arm", "clipped_fraction_reference",
                 "final_lr_arm", "final_lr_reference", "param_distance", "items_per_micro_batch", "items_cv_within_window",
                 "steps_identical", "pairs_identical", "max_loss_gap", "first_step_apart_1e2")
 LR_COLUMNS = ("study", "arm", "optimizer", "micro_batch_size", "accumulation_steps", "seed", "optimizer_step", "learning_rate")
@@ -216,6 +218,64 @@ def _baseline_text(study: BiasStudy) -> str:
                     else "a constant predictor")
             parts.append(f"{task} trivial baseline {fmt(b['value'])} {b['metric']} ({rule})")
     return "".join(f"; {p}" for p in parts)
+
+
+def _one(values: set[Any]) -> str:
+    """A setting across runs: its value, or the values joined with ' / ' where runs differ."""
+    return " / ".join(str(v) for v in sorted(values, key=str))
+
+
+# Grid keys that choose which cells run or what they save, not how a run trains.
+_NOT_TRAINING = {"batches", "seeds", "micro_batch_sizes", "checkpointing_steps", "checkpoints_total_limit",
+                 "fingerprint_steps", "fingerprint_dim", "eval_steps"}
+
+
+def _arm_change(arm: dict[str, Any], ref: dict[str, Any]) -> str:
+    """'bug_modes step_mod_boundaries': the training settings in which the grid file's arm differs from its reference."""
+    keys = [k for k in dict.fromkeys([*arm, *ref]) if k not in _NOT_TRAINING and arm.get(k) != ref.get(k)]
+    def shown(v: Any) -> str:
+        return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+    return "; ".join(f"{k} {shown(arm.get(k))}" for k in keys) or "no training setting"
+
+
+def _settings_text(study: BiasStudy) -> list[str]:
+    """One line per reference arm: how its finished runs were trained, read from their configs (so the report states
+    the schedule, optimizer and clipping threshold the comparisons were made under), and the arms compared with it."""
+    lines = []
+    for ref in dict.fromkeys(study.comparisons.values()):
+        runs = [r for r in study.runs if r.arm == ref]
+        if not runs:
+            continue
+
+        def values(key: str, derived: bool = False) -> set[Any]:
+            return {(r.config.get("derived", {}) if derived else r.config).get(key) for r in runs}
+
+        objective = _one(values("objective"))
+        what = (f"masked-LM ({_one({f'{p:.0%}' for p in values('mlm_probability')})} of tokens masked)"
+                if objective == "mlm" else objective)
+        limit = values("max_train_examples")
+        pool = _one(values("train_examples", True))
+        epochs = _one(values("epochs", True))
+        first = " first" if values("max_train_samples") != {None} else ""
+        data = (f"{_one(limit)} training examples (of {pool}, in each seed's order)" if limit != {None}
+                else f"the{first} {pool} training examples{' (file order)' if first else ''}, {epochs} "
+                     f"{'epoch' if epochs == '1' else 'epochs'}")
+        optims = values("optim")
+        clip = values("max_grad_norm")
+        clipping = ("no gradient clipping" if clip <= {0, 0.0, None}
+                    else f"gradient clipping at max_grad_norm {_one(clip)}")
+        compared = [f"`{arm}` ({_arm_change(study.arms[arm], study.arms[ref])})"
+                    for arm, r in study.comparisons.items() if r == ref]
+        lines.append(
+            f"  - How `{ref}` was trained ({len(runs)} runs): {_one(values('task', True))} {what}, {data}: "
+            f"{_one(values('total_optimizer_steps', True))} optimizer steps at effective batch "
+            f"{_one(values('effective_batch_size', True))}; {_one({_optimizer(o) for o in optims})} "
+            f"(`{_one(optims)}`), learning rate {_one(values('learning_rate'))}, {_one(values('lr_scheduler_type'))} "
+            f"schedule after {_one(values('num_warmup_steps', True))} warmup steps; {clipping}; max_length "
+            f"{_one(values('max_length'))}; {_one(values('dropout'))} dropout, {_one(values('padding'))} padding, "
+            f"loss normalisation {_one(values('loss_normalization'))}, {_one(values('precision'))}, backend "
+            f"{_one(values('backend'))}. Compared with it, each differing only in the settings named: {'; '.join(compared)}.")
+    return lines
 
 
 def _guides(studies: list[BiasStudy]) -> dict[tuple[str, str, str], list[tuple[float, str, str]]]:
@@ -352,6 +412,7 @@ def pair_rows(study: BiasStudy) -> list[dict[str, Any]]:
                 "mean_disagreements": statistics.fmean(flips) if flips else math.nan,
                 "clipped_fraction_arm": statistics.fmean(_clipped_fraction(a) for a, _ in pairs) if pairs else math.nan,
                 "clipped_fraction_reference": statistics.fmean(_clipped_fraction(b) for _, b in pairs) if pairs else math.nan,
+                "max_grad_norm": pairs[0][1].config.get("max_grad_norm", math.nan) if pairs else math.nan,
                 "final_lr_arm": pairs[0][0].steps[-1]["learning_rate"] if pairs and pairs[0][0].steps else math.nan,
                 "final_lr_reference": pairs[0][1].steps[-1]["learning_rate"] if pairs and pairs[0][1].steps else math.nan,
                 # ||theta_arm - theta_ref|| / ||theta_ref - theta_0|| from the parameter fingerprints (NaN without)
@@ -549,6 +610,7 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
                else "no reference bar stated in the grid file")
         lines.append(f"- Grid `{s.grid_file}` (runs `{s.name}`): {done} of {len(s.planned)} planned runs finished, "
                      f"{len(s.unfinished)} started and unfinished; {bar}{_baseline_text(s)}.")
+        lines += _settings_text(s)
         lines += [f"  - Design change after runs had started (recorded in the grid file under `changes`): "
                   f"{' '.join(c.split())}" for c in s.changes]
     lines += ["", "Paired differences arm − reference of the final dev metric (same task, (B, N), head "
@@ -590,6 +652,12 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
                               f"{r['clipped_fraction_reference']:.0%} of optimizer steps (arm / reference), so every "
                               "step had the same gradient norm in both: the comparison is of how the window weights "
                               "its tokens (the gradient's direction), not of the step's size.")
+            if bias == "clip_per_micro_batch" and r["n"] and r.get("max_grad_norm"):
+                # The bug only acts where clipping binds: state the threshold and how often it did, in both arms.
+                extra = (f" Threshold max_grad_norm {r['max_grad_norm']:g}: the reference clipped its window's gradient "
+                         f"on {r['clipped_fraction_reference']:.0%} of optimizer steps, the arm (clipping after every "
+                         f"micro-batch) on {r['clipped_fraction_arm']:.0%} (a step counts when any of its micro-batch "
+                         "clips acted).")
             where = f"- {r['optimizer']}, {r['task']} ({r['micro_batch_size']},{r['accumulation_steps']})"
             if r["n"] == 0:
                 lines.append(f"{where}: {r['arm']} − {r['reference']}: {_reading(r)}.")
