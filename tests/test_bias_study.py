@@ -286,7 +286,7 @@ def test_the_clipping_section_states_the_threshold_and_how_often_it_acted():
                detection_limit=0.011, max_abs_diff=0.01, p_holm=1.0, verdict="below the detection limit",
                max_grad_norm=1.0, clipped_fraction_arm=0.755, clipped_fraction_reference=0.765)
     text = markdown([], [row], "command: t | git_commit: abc", {})
-    assert ("Threshold max_grad_norm 1: the reference clipped its window's gradient on 76% of optimizer steps, the arm "
+    assert ("Threshold max_grad_norm 1.0: the reference clipped its window's gradient on 76% of optimizer steps, the arm "
             "(clipping after every micro-batch) on 76%") in text
 
 

@@ -654,7 +654,7 @@ def markdown(studies: list[BiasStudy], pairs: list[dict[str, Any]], head: str, f
                               "its tokens (the gradient's direction), not of the step's size.")
             if bias == "clip_per_micro_batch" and r["n"] and r.get("max_grad_norm"):
                 # The bug only acts where clipping binds: state the threshold and how often it did, in both arms.
-                extra = (f" Threshold max_grad_norm {r['max_grad_norm']:g}: the reference clipped its window's gradient "
+                extra = (f" Threshold max_grad_norm {r['max_grad_norm']}: the reference clipped its window's gradient "
                          f"on {r['clipped_fraction_reference']:.0%} of optimizer steps, the arm (clipping after every "
                          f"micro-batch) on {r['clipped_fraction_arm']:.0%} (a step counts when any of its micro-batch "
                          "clips acted).")
