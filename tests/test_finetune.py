@@ -54,6 +54,10 @@ def test_finetune_script_writes_self_describing_run_folder(tmp_path, tiny_model_
     env = json.loads((out / "environment.json").read_text())
     assert env["num_processes"] == 1 and env["device"] == "cpu" and env["precision"] == "fp32"
     assert env["packages"]["torch"] and env["packages"]["transformers"]
+    # the CPU that ran it, as the kernels torch picked depend on it
+    import torch
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"]["logical_cpus"] >= 1 and env["cpu"]["model"] and "avx512_bf16" in env["cpu"]["flags"]
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["status"] == "completed" and final["synthetic_data"] is True
     assert final["examples_per_second"] > 0 and final["tokens_per_second"] > 0

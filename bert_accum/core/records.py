@@ -44,7 +44,8 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
 
 
 def environment(device: str, num_processes: int, precision: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What produced a run: versions, commit, hardware, process count, precision."""
+    """What produced a run: versions, commit, hardware (the CPU's model and instruction set too), process count,
+    precision."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -63,6 +64,10 @@ def environment(device: str, num_processes: int, precision: str, extra: dict[str
         "num_processes": num_processes,
         "precision": precision,
         "torch_num_threads": torch.get_num_threads(),
+        # Two machines with the same packages can still round differently: the CPU's instruction set picks torch's
+        # kernels (its capability, e.g. AVX2 or AVX512) and whether bf16 has matrix instructions.
+        "cpu": cpu_info(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": " ".join([Path(sys.argv[0]).name, *redact_token(sys.argv[1:])]) if sys.argv else None,
     }
     env.update(extra or {})

@@ -51,7 +51,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.config import TrainConfig
-from ..core.records import cpu_info, environment
+from ..core.records import environment
 from ..errors import BertAccumError
 
 MEMORY_LOOPS = ("bert_accum", "plain")
@@ -578,7 +578,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> Ben
     device = "cuda" if cuda else "cpu"
     if "fp16" in cfg.precisions and not cuda:
         raise BertAccumError("--precisions fp16 needs a CUDA GPU; use bf16 on the CPU")
-    env = environment(device, 1, cfg.precisions[0], {"cpu": cpu_info(), "command": cfg.command or " ".join(sys.argv),
+    env = environment(device, 1, cfg.precisions[0], {"command": cfg.command or " ".join(sys.argv),
                       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
     threads = torch.get_num_threads()
     # CUDA must not be initialised before a fork: on a GPU every child is spawned.
