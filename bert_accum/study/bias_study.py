@@ -262,7 +262,7 @@ def _settings_text(study: BiasStudy) -> list[str]:
                      f"{'epoch' if epochs == '1' else 'epochs'}")
         optims = values("optim")
         clip = values("max_grad_norm")
-        clipping = ("no gradient clipping" if clip <= {0, 0.0, None}
+        clipping = ("no gradient clipping" if not any(clip)
                     else f"gradient clipping at max_grad_norm {_one(clip)}")
         compared = [f"`{arm}` ({_arm_change(study.arms[arm], study.arms[ref])})"
                     for arm, r in study.comparisons.items() if r == ref]
